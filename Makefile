@@ -1,0 +1,56 @@
+# NTMobile suite. Run as root on Debian 12: `make demo` (the main job), `make test`.
+SHELL := /bin/bash
+VENV  := .venv
+PY    := $(VENV)/bin/python
+NTM   := $(VENV)/bin/ntm
+APT_PACKAGES := iproute2 nftables nsd unbound curl tcpdump iputils-ping procps \
+                python3-venv python3-dev gcc docker-compose
+STAMP := $(VENV)/.setup-done
+
+.PHONY: setup demo test test-unit test-lab lint typecheck bench clean lab-down
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@command -v apt-get >/dev/null || { echo "make setup needs Debian/Ubuntu (apt-get)"; exit 1; }
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:" $$missing; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+	# the lab's DNS servers run in the foreground under the lab, not as system services
+	-@systemctl disable --now nsd unbound >/dev/null 2>&1 || true
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
+	$(PY) -m pip install -q -e '.[dev]' 2>&1 | grep -v '^WARNING: Location' || true
+	$(PY) -c "import ntm_cli.main, aioquic, dnslib, pyroute2, cryptography"
+	touch $(STAMP)
+
+demo: setup
+	$(NTM) lab demo
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: setup
+	$(VENV)/bin/mypy
+
+test-unit: setup
+	$(PY) -m pytest -q tests/unit
+
+test-lab: setup
+	$(PY) -m pytest -q -m lab tests/integration
+
+# Everything CI checks: lint, types, unit tests, then the netns lab integration tests.
+test: setup lint typecheck
+	$(PY) -m pytest -q tests
+
+bench: setup
+	@echo "benchmarks: not yet (issue 7)"; exit 1
+
+lab-down: setup
+	$(NTM) lab down
+
+clean: lab-down
+	rm -rf .lab build *.egg-info

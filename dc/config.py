@@ -1,0 +1,83 @@
+"""The DC's configuration file (TOML), documented by example in lab/config/dc1.toml."""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+from pathlib import Path
+
+from ntm_io.config import ConfigError, load_toml, section
+from ntm_proto.messages import check_fqdn
+
+
+@dataclasses.dataclass(frozen=True)
+class TlsConfig:
+    ca: str
+    cert: str
+    key: str
+
+
+@dataclasses.dataclass(frozen=True)
+class DcConfig:
+    name: str
+    zone: str
+    listen: tuple[str, ...]
+    quic_port: int
+    dns_port: int
+    vip_pool: ipaddress.IPv4Network
+    vip_route: ipaddress.IPv4Network
+    ns_name: str
+    ns_addresses: tuple[str, ...]
+    registration_lifetime: int
+    status_socket: str
+    state_file: str | None
+    tls: TlsConfig
+
+
+def load(path: str | Path) -> DcConfig:
+    data = load_toml(path)
+    dc = section(data, "dc")
+    tls = section(data, "tls")
+    name = dc.text("name", what="a short name like dc1")
+    zone = _fqdn(dc.text("zone", what="the NTM zone this DC serves, like ntm.example.com"), "zone")
+    pool = dc.network("vip_pool")
+    route = dc.network("vip_route", "100.64.0.0/10")
+    if not isinstance(pool, ipaddress.IPv4Network) or not isinstance(route, ipaddress.IPv4Network):
+        raise ConfigError("[dc] vip_pool and vip_route must be IPv4 networks (vIPs are IPv4)")
+    if not pool.subnet_of(route):
+        raise ConfigError(
+            f"[dc] vip_pool {pool} is not inside vip_route {route}; nodes route only "
+            "vip_route into their tunnel, so pick a pool inside it"
+        )
+    ns_name = _fqdn(dc.text("ns_name", f"{name}.{zone}"), "ns_name")
+    cfg = DcConfig(
+        name=name,
+        zone=zone,
+        listen=tuple(dc.ip_list("listen", ["0.0.0.0"])),
+        quic_port=dc.integer("quic_port", 4433, 1, 65535),
+        dns_port=dc.integer("dns_port", 53, 0, 65535),
+        vip_pool=pool,
+        vip_route=route,
+        ns_name=ns_name,
+        ns_addresses=tuple(dc.ip_list("ns_addresses", [])),
+        registration_lifetime=dc.integer("registration_lifetime", 300, 10, 86400),
+        status_socket=dc.text("status_socket", f"/run/ntm/dc-{name}.sock"),
+        state_file=dc.opt_text("state_file"),
+        tls=TlsConfig(ca=tls.text("ca"), cert=tls.text("cert"), key=tls.text("key")),
+    )
+    dc.check_unknown()
+    tls.check_unknown()
+    for what, file in (("ca", cfg.tls.ca), ("cert", cfg.tls.cert), ("key", cfg.tls.key)):
+        if not Path(file).is_file():
+            raise ConfigError(
+                f"[tls] {what} = {file!r} does not exist; create it with `ntm pki` "
+                "(see README: PKI)"
+            )
+    return cfg
+
+
+def _fqdn(value: str, key: str) -> str:
+    name = value.lower().rstrip(".")
+    if why := check_fqdn(name):
+        raise ConfigError(f"[dc] {key} = {value!r} is not a valid name: {why}")
+    return name

@@ -1,0 +1,216 @@
+"""asyncio glue for the DC: the QUIC control server, the NTM zone's DNS, status.
+
+Everything decided here comes from `dc.coordinator`; this module only decodes, calls,
+pushes Route Directions to responders and encodes answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from ntm_io.control import ControlConnection, ControlError, serve_control
+from ntm_io.status import serve_status
+from ntm_proto.errors import DecodeError
+from ntm_proto.messages import (
+    DirectionRequest,
+    ErrorCode,
+    ErrorMessage,
+    Message,
+    RegistrationRequest,
+    RouteDirectionAck,
+    decode,
+    encode,
+)
+from ntm_proto.pool import VipPool
+
+from .config import DcConfig
+from .coordinator import Coordinator, DirectionPlan
+from .dns_server import serve_zone
+from .dns_zone import NtmZone
+from .registry import Registry
+
+log = logging.getLogger("ntm.dc")
+
+PUSH_TIMEOUT = 3.0  # how long the responder gets to acknowledge a Route Direction
+
+
+class DcServer:
+    def __init__(self, config: DcConfig) -> None:
+        self.config = config
+        pool = VipPool(config.vip_pool)
+        if config.state_file and Path(config.state_file).is_file():
+            pool.restore(json.loads(Path(config.state_file).read_text()).get("vips", {}))
+        self.registry = Registry(pool, config.registration_lifetime)
+        self.coordinator = Coordinator(config.zone, self.registry, config.vip_route)
+        self.counters: dict[str, int] = {}
+        self.started = time.monotonic()
+        self._closers: list[Any] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def _count(self, key: str) -> None:
+        self.counters[key] = self.counters.get(key, 0) + 1
+
+    async def start(self) -> None:
+        cfg = self.config
+        zone = NtmZone(
+            zone=cfg.zone,
+            ns_name=cfg.ns_name,
+            ns_addresses=list(cfg.ns_addresses),
+            lookup=self._zone_lookup,
+        )
+        for host in cfg.listen:
+            server = await serve_control(
+                host,
+                cfg.quic_port,
+                ca=cfg.tls.ca,
+                cert=cfg.tls.cert,
+                key=cfg.tls.key,
+                handler=self.handle,
+                on_close=self._on_close,
+            )
+            self._closers.append(server)
+            if cfg.dns_port:
+                self._closers.append(await serve_zone(zone, host, cfg.dns_port))
+        status = await serve_status(cfg.status_socket, self.status)
+        self._closers.append(status)
+        self._spawn(self._housekeeping())
+        log.info(
+            "dc %s serving zone %s on %s (quic %d, dns %d), vIP pool %s",
+            cfg.name,
+            cfg.zone,
+            ", ".join(cfg.listen),
+            cfg.quic_port,
+            cfg.dns_port,
+            cfg.vip_pool,
+        )
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for closer in self._closers:
+            closer.close()
+        self._save_state()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _zone_lookup(self, fqdn: str) -> list[str]:
+        record = self.registry.lookup(fqdn)
+        return record.public_addresses() if record else []
+
+    def _on_close(self, conn: ControlConnection) -> None:
+        self.registry.disconnected(conn)
+
+    async def _housekeeping(self) -> None:
+        while True:
+            await asyncio.sleep(5.0)
+            for fqdn in self.registry.expire(time.monotonic()):
+                log.info("registration of %s expired", fqdn)
+
+    def _save_state(self) -> None:
+        if self.config.state_file:
+            path = Path(self.config.state_file)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"vips": self.registry.pool.assignments()}))
+
+    # --- requests ------------------------------------------------------------------------
+
+    async def handle(self, conn: ControlConnection, payload: bytes) -> bytes:
+        try:
+            msg = decode(payload)
+        except DecodeError as exc:
+            self._count(f"bad_{exc.reason}")
+            log.warning("bad message from %s: %s", conn.peer_address, exc.detail)
+            code = (
+                ErrorCode.UNSUPPORTED_VERSION
+                if exc.reason == "bad_version"
+                else ErrorCode.BAD_MESSAGE
+            )
+            return encode(ErrorMessage(code, exc.detail[:500]))
+        return encode(await self._dispatch(conn, msg))
+
+    async def _dispatch(self, conn: ControlConnection, msg: Message) -> Message:
+        now = time.monotonic()
+        if isinstance(msg, RegistrationRequest):
+            answer = self.coordinator.register(
+                conn.peer_names, conn.peer_role, msg, conn.peer_address, conn, now
+            )
+            if not isinstance(answer, ErrorMessage):
+                self._save_state()
+            return answer
+        if isinstance(msg, DirectionRequest):
+            plan = self.coordinator.plan(conn.peer_names, msg, conn)
+            if isinstance(plan, ErrorMessage):
+                return plan
+            return await self._direct(plan)
+        self._count("unexpected")
+        return ErrorMessage(ErrorCode.UNEXPECTED, f"{type(msg).__name__} is not a request to a DC")
+
+    async def _direct(self, plan: DirectionPlan) -> Message:
+        """Tell the responder first, so it knows the path before the first tunnel packet."""
+        responder_conn = plan.responder.handle
+        assert isinstance(responder_conn, ControlConnection)
+        try:
+            raw = await responder_conn.request(encode(plan.to_responder), PUSH_TIMEOUT)
+            ack = decode(raw)
+        except (TimeoutError, ControlError, DecodeError) as exc:
+            self._count("push_failed")
+            log.warning(
+                "path %s: %s did not take the Route Direction: %s",
+                plan.path_id.hex(),
+                plan.responder.fqdn,
+                exc,
+            )
+            return ErrorMessage(
+                ErrorCode.PEER_UNREACHABLE, f"{plan.responder.fqdn} did not answer its DC"
+            )
+        if not (isinstance(ack, RouteDirectionAck) and ack.path_id == plan.path_id):
+            self._count("push_refused")
+            reason = ack.reason if isinstance(ack, ErrorMessage) else type(ack).__name__
+            return ErrorMessage(
+                ErrorCode.PEER_UNREACHABLE, f"{plan.responder.fqdn} refused the path: {reason}"
+            )
+        return plan.to_requester
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "role": "dc",
+            "name": self.config.name,
+            "zone": self.config.zone,
+            "nodes": [
+                {
+                    "fqdn": r.fqdn,
+                    "vip": r.vip,
+                    "seen": list(r.seen),
+                    "reported": [list(ep) for ep in r.reported],
+                    "behind_nat": r.behind_nat,
+                    "connected": r.handle is not None,
+                }
+                for r in self.registry.records()
+            ],
+            "counters": {**self.counters, **self.coordinator.counters},
+        }
+
+
+async def run(config: DcConfig) -> None:
+    server = DcServer(config)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        with contextlib.suppress(Exception):
+            await server.close()

@@ -1,0 +1,134 @@
+"""Namespaces, bridges and veths, through the `ip` command.
+
+Shape of a lab: a hub namespace holds one bridge per compose network; each service namespace
+gets one veth per attached network, created from inside the hub with its peer placed straight
+into the service namespace. Nothing is created in, or connected to, the root namespace, and no
+route toward a real network exists anywhere in the lab.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from lab import names
+from lab.compose import Attachment
+from lab.errors import LabError
+
+NETNS_RUN = Path("/run/netns")
+NETNS_ETC = Path("/etc/netns")
+
+
+def require_root() -> None:
+    if os.geteuid() != 0:
+        raise LabError("not root: the lab needs root for network namespaces; run with sudo")
+    if shutil.which("ip") is None:
+        raise LabError("the `ip` command is missing; install iproute2 (apt-get install iproute2)")
+
+
+def ip(*args: str, check: bool = True) -> str:
+    done = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30, check=False)
+    if check and done.returncode != 0:
+        raise LabError(f"ip {' '.join(args)}: {done.stderr.strip() or 'failed'}")
+    return done.stdout
+
+
+def list_namespaces() -> list[str]:
+    out = ip("-j", "netns", "list", check=False).strip()
+    return [entry["name"] for entry in json.loads(out or "[]")]
+
+
+def lab_namespaces(lab: str) -> list[str]:
+    prefix = names.namespace_prefix(lab)
+    return [ns for ns in list_namespaces() if ns.startswith(prefix)]
+
+
+def namespace_pids(ns: str) -> list[int]:
+    return [int(p) for p in ip("netns", "pids", ns, check=False).split()]
+
+
+def pid_in_namespace(pid: int | None, ns: str) -> bool:
+    if pid is None:
+        return False
+    try:
+        return os.stat(f"/proc/{pid}/ns/net").st_ino == os.stat(NETNS_RUN / ns).st_ino
+    except OSError:
+        return False
+
+
+def add_namespace(ns: str) -> None:
+    ip("netns", "add", ns)
+    ip("-n", ns, "link", "set", "lo", "up")
+
+
+def delete_namespace(ns: str) -> None:
+    ip("netns", "del", ns, check=False)
+    shutil.rmtree(NETNS_ETC / ns, ignore_errors=True)
+
+
+def sysctl_in(ns: str, key: str, value: str) -> None:
+    ip("netns", "exec", ns, "sysctl", "-q", "-w", f"{key}={value}")
+
+
+def create_hub(hub: str, networks: list[str]) -> None:
+    add_namespace(hub)
+    # The hub only switches frames: no addresses, no IPv6 link-locals that could answer ND.
+    sysctl_in(hub, "net.ipv6.conf.all.disable_ipv6", "1")
+    sysctl_in(hub, "net.ipv6.conf.default.disable_ipv6", "1")
+    for net in networks:
+        br = names.bridge_name(net)
+        # No multicast snooping: without an MLD querier it can starve IPv6 neighbour discovery.
+        ip("-n", hub, "link", "add", br, "type", "bridge", "mcast_snooping", "0")
+        ip("-n", hub, "link", "set", br, "up")
+
+
+def attach(hub: str, ns: str, service: str, att: Attachment) -> None:
+    port = names.hub_port_name(service, att.network)
+    ifname = names.service_ifname(att.network)
+    ip("-n", hub, "link", "add", port, "type", "veth", "peer", "name", ifname, "netns", ns)
+    ip("-n", hub, "link", "set", port, "master", names.bridge_name(att.network), "up")
+    for addr in att.addresses:
+        extra = ["nodad"] if ":" in addr else []  # usable at once, no 1-2 s DAD wait
+        ip("-n", ns, "addr", "add", addr, "dev", ifname, *extra)
+    ip("-n", ns, "link", "set", ifname, "up")
+
+
+def detach(ns: str, network: str) -> None:
+    # Deleting one end of a veth removes both; routes through it vanish with it.
+    ip("-n", ns, "link", "del", names.service_ifname(network), check=False)
+
+
+def write_resolv_conf(ns: str, servers: tuple[str, ...]) -> None:
+    """`ip netns exec` bind-mounts /etc/netns/<ns>/resolv.conf over /etc/resolv.conf."""
+    if not servers:
+        return
+    directory = NETNS_ETC / ns
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "resolv.conf").write_text("".join(f"nameserver {s}\n" for s in servers))
+
+
+def addresses(ns: str) -> dict[str, list[str]]:
+    """Global addresses per interface of a namespace, e.g. {"internet": ["198.51.100.40/24"]}."""
+    out = ip("-n", ns, "-j", "addr", "show", check=False).strip()
+    result: dict[str, list[str]] = {}
+    entries: list[dict[str, Any]] = json.loads(out or "[]")
+    for link in entries:
+        addrs = [
+            f"{a['local']}/{a['prefixlen']}"
+            for a in link.get("addr_info", [])
+            if a.get("scope") == "global"
+        ]
+        if addrs:
+            result[str(link["ifname"])] = addrs
+    return result
+
+
+def leftover_etc_dirs(lab: str) -> list[Path]:
+    if not NETNS_ETC.is_dir():
+        return []
+    prefix = names.namespace_prefix(lab)
+    return [p for p in NETNS_ETC.iterdir() if p.name.startswith(prefix)]

@@ -1,0 +1,107 @@
+"""The node's configuration file (TOML), documented by example in lab/config/mn1.toml."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from ntm_io.config import ConfigError, load_toml, parse_ip, section
+from ntm_proto.messages import check_fqdn
+
+
+@dataclasses.dataclass(frozen=True)
+class DnsConfig:
+    enabled: bool
+    listen: tuple[str, int]
+    upstreams: tuple[str, ...]
+    direction_timeout: float
+    upstream_timeout: float
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeConfig:
+    name: str
+    fqdn: str
+    tunnel_port: int
+    tun_name: str
+    mtu: int
+    mark: str
+    key_file: str
+    status_socket: str
+    dc_addresses: tuple[str, ...]
+    dc_port: int
+    dc_server_name: str
+    ca: str
+    cert: str
+    key: str
+    dns: DnsConfig
+    keepalive_interval: float
+
+
+def load(path: str | Path) -> NodeConfig:
+    data = load_toml(path)
+    node, dc, dns, tls = (
+        section(data, "node"),
+        section(data, "dc"),
+        section(data, "dns", required=False),
+        section(data, "tls"),
+    )
+    name = node.text("name", what="a short name like mn1")
+    fqdn = node.text("fqdn", what="this node's NTMobile name, like mn1.ntm.example.com")
+    if why := check_fqdn(fqdn):
+        raise ConfigError(f"[node] fqdn = {fqdn!r} is not a valid name: {why}")
+    tun_name = node.text("tun_name", "ntm0")
+    if not 1 <= len(tun_name) <= 15:
+        raise ConfigError(f"[node] tun_name = {tun_name!r}: interface names are 1..15 characters")
+    cfg = NodeConfig(
+        name=name,
+        fqdn=fqdn,
+        tunnel_port=node.integer("tunnel_port", 7400, 1, 65535),
+        tun_name=tun_name,
+        mtu=node.integer("mtu", 1400, 576, 9000),
+        mark=node.text("mark", "ntm").lower(),
+        key_file=node.text("key_file", f"/var/lib/ntm/{name}.x25519"),
+        status_socket=node.text("status_socket", f"/run/ntm/node-{name}.sock"),
+        keepalive_interval=node.number("keepalive_interval", 15.0, lo=1.0),
+        dc_addresses=tuple(dc.ip_list("addresses")),
+        dc_port=dc.integer("port", 4433, 1, 65535),
+        dc_server_name=dc.text("server_name", what="the name in the DC's certificate"),
+        ca=tls.text("ca"),
+        cert=tls.text("cert"),
+        key=tls.text("key"),
+        dns=DnsConfig(
+            enabled=dns.flag("enabled", True),
+            listen=_hostport(dns.text("listen", "127.0.0.1:53"), 53),
+            upstreams=tuple(dns.ip_list("upstreams", [])),
+            direction_timeout=dns.number("direction_timeout", 3.0, lo=0.1),
+            upstream_timeout=dns.number("upstream_timeout", 2.0, lo=0.1),
+        ),
+    )
+    for s in (node, dc, dns, tls):
+        s.check_unknown()
+    if not cfg.dc_addresses:
+        raise ConfigError("[dc] addresses is empty; list the DC's IPv4 and/or IPv6 addresses")
+    if cfg.dns.enabled and not cfg.dns.upstreams:
+        raise ConfigError(
+            "[dns] upstreams is empty; list your recursive resolver(s), or set enabled = false"
+        )
+    for what, file in (("ca", cfg.ca), ("cert", cfg.cert), ("key", cfg.key)):
+        if not Path(file).is_file():
+            raise ConfigError(
+                f"[tls] {what} = {file!r} does not exist; create it with `ntm pki` (README: PKI)"
+            )
+    return cfg
+
+
+def _hostport(value: str, default_port: int) -> tuple[str, int]:
+    """'127.0.0.1:53', '[::1]:53' or a bare address."""
+    host, port = value, default_port
+    if value.startswith("["):
+        host, _, rest = value[1:].partition("]")
+        port = int(rest[1:]) if rest.startswith(":") else default_port
+    elif value.count(":") == 1:
+        host, _, p = value.partition(":")
+        port = int(p) if p.isdigit() else -1
+    if not 0 < port < 65536:
+        raise ConfigError(f"[dns] listen {value!r}: bad port; write it like 127.0.0.1:53")
+    return parse_ip(host, "[dns] listen"), port

@@ -1,0 +1,211 @@
+"""`ntm node`: the NTM endpoint daemon, wiring the engine, the DC client, DNS and netlink."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from ntm_io.netwatch import AddressSet, AddressWatcher, current_addresses
+from ntm_io.status import serve_status
+from ntm_io.tun import TunDevice
+from ntm_proto.crypto import StaticKey
+from ntm_proto.marker import MarkerRule
+from ntm_proto.messages import (
+    ErrorCode,
+    ErrorMessage,
+    Message,
+    PathRole,
+    RegistrationResponse,
+    RouteDirection,
+    RouteDirectionAck,
+)
+
+from .config import NodeConfig
+from .dc_client import DcClient, DirectionError
+from .dns_server import StubResolver
+from .engine import PathError, TunnelEngine
+
+log = logging.getLogger("ntm.node")
+
+
+def load_or_create_key(path: str) -> StaticKey:
+    """The node's static X25519 key: its public half is what the DC vouches for."""
+    p = Path(path)
+    if p.is_file():
+        return StaticKey.from_private_bytes(p.read_bytes())
+    key = StaticKey.generate()
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(key.private_bytes())
+    log.info("created static key %s", p)
+    return key
+
+
+class NodeDaemon:
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        self.started = time.monotonic()
+        self.static_key = load_or_create_key(config.key_file)
+        self.engine = TunnelEngine(self.static_key, config.tunnel_port, config.keepalive_interval)
+        self.addresses: AddressSet = current_addresses(ignore_ifaces=(config.tun_name,))
+        self.dc = DcClient(
+            config,
+            self.static_key.public_bytes,
+            addresses=lambda: self.addresses,
+            on_push=self._on_push,
+            on_registered=self._on_registered,
+        )
+        self.tun: TunDevice | None = None
+        self.resolver: StubResolver | None = None
+        self.watcher: AddressWatcher | None = None
+        self._moved = False
+        self._closers: list[Any] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def start(self) -> None:
+        cfg = self.config
+        self.engine.open()
+        self.watcher = AddressWatcher(self._addresses_changed, ignore_ifaces=(cfg.tun_name,))
+        self.addresses = await self.watcher.start()
+        self._spawn(self.dc.run())
+        if cfg.dns.enabled:
+            self.resolver = StubResolver(
+                listen=cfg.dns.listen,
+                upstreams=[(u, 53) for u in cfg.dns.upstreams],
+                marker=MarkerRule(cfg.mark),
+                directions=self.directions,
+                direction_timeout=cfg.dns.direction_timeout,
+                upstream_timeout=cfg.dns.upstream_timeout,
+            )
+            await self.resolver.start()
+        self._closers.append(await serve_status(cfg.status_socket, self.status))
+        log.info("node %s (%s) started; tunnel port %d", cfg.name, cfg.fqdn, cfg.tunnel_port)
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        if self.resolver is not None:
+            await self.resolver.close()
+        if self.watcher is not None:
+            self.watcher.close()
+        for closer in self._closers:
+            closer.close()
+        self.engine.close()
+        if self.tun is not None:
+            self.tun.close()
+        with contextlib.suppress(Exception):
+            await self.dc._drop_connection()
+
+    # --- control plane -------------------------------------------------------------------
+
+    def _on_registered(self, resp: RegistrationResponse) -> None:
+        route = f"{resp.vip_network}/{resp.vip_prefix_len}"
+        if self.tun is None:
+            self.tun = TunDevice(self.config.tun_name, self.config.mtu)
+            self.tun.configure(resp.vip, 32, mtu=self.config.mtu, routes=[route])
+            self.engine.attach_tun(self.tun, resp.vip)
+        elif self.engine.local_vip != resp.vip:
+            # The DC lost our assignment: follow it, old paths are useless now.
+            log.warning("vIP changed %s -> %s", self.engine.local_vip, resp.vip)
+            self.tun.configure(resp.vip, 32, mtu=self.config.mtu, routes=[route])
+            self.engine.set_local_vip(resp.vip)
+        if self._moved:
+            self._moved = False
+            self._spawn(self._refresh_paths())
+
+    async def _on_push(self, rd: RouteDirection) -> Message:
+        try:
+            self.engine.add_path(rd)
+        except Exception as exc:  # never let one bad direction take the daemon down
+            log.warning("cannot install path %s: %s", rd.path_id.hex(), exc)
+            return ErrorMessage(ErrorCode.INTERNAL, str(exc)[:200])
+        return RouteDirectionAck(rd.path_id)
+
+    async def directions(self, fqdn: str) -> str:
+        """Called by the stub resolver for a marked name: the peer's vIP once the tunnel is up."""
+        existing = self.engine.path_for_fqdn(fqdn)
+        if existing is not None and existing.is_established:
+            rd = self.engine.route_direction(existing.path_id)
+            if rd is not None:
+                return rd.peer_vip
+        try:
+            rd = await self.dc.request_direction(fqdn)
+        except DirectionError as exc:
+            log.warning("no directions for %s: %s", fqdn, exc)
+            raise
+        self.engine.add_path(rd)
+        try:
+            await self.engine.wait_established(rd.path_id, self.config.dns.direction_timeout)
+        except (TimeoutError, PathError) as exc:
+            log.warning("tunnel to %s not established: %s", fqdn, exc or "timeout")
+            raise
+        return rd.peer_vip
+
+    async def _refresh_paths(self) -> None:
+        """After a move, ask again for every tunnel we initiated: the route may change."""
+        for path in list(self.engine.endpoint.paths()):
+            rd = self.engine.route_direction(path.path_id)
+            if rd is None or rd.role is not PathRole.INITIATOR:
+                continue
+            with contextlib.suppress(DirectionError, PathError, asyncio.TimeoutError):
+                await self.directions_fresh(rd.peer_fqdn)
+
+    async def directions_fresh(self, fqdn: str) -> str:
+        rd = await self.dc.request_direction(fqdn)
+        self.engine.add_path(rd)
+        await self.engine.wait_established(rd.path_id, self.config.dns.direction_timeout)
+        return rd.peer_vip
+
+    def _addresses_changed(self, addresses: AddressSet) -> None:
+        log.info("addresses now v4=%s v6=%s", list(addresses.ipv4), list(addresses.ipv6))
+        self.addresses = addresses
+        self._moved = True
+        self.engine.local_address_changed()
+        self.dc.addresses_changed()
+
+    def status(self) -> dict[str, Any]:
+        reg = self.dc.registration
+        return {
+            "role": "node",
+            "name": self.config.name,
+            "fqdn": self.config.fqdn,
+            "vip": reg.vip if reg else None,
+            "registered": self.dc.registered.is_set(),
+            "behind_nat": reg.behind_nat if reg else None,
+            "seen_by_dc": list(reg.seen) if reg else None,
+            "dc_error": self.dc.last_error,
+            "addresses": {"ipv4": list(self.addresses.ipv4), "ipv6": list(self.addresses.ipv6)},
+            "paths": self.engine.status(),
+            "counters": {
+                "engine": dict(self.engine.counters),
+                "tunnel": dict(self.engine.endpoint.counters),
+                "dc": dict(self.dc.counters),
+                "dns": dict(self.resolver.counters) if self.resolver else {},
+            },
+        }
+
+
+async def run(config: NodeConfig) -> None:
+    daemon = NodeDaemon(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await daemon.start()
+        await stop.wait()
+    finally:
+        await daemon.close()

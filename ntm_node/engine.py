@@ -1,0 +1,381 @@
+"""The tunnel engine: TUN <-> UDP, asyncio glue over `ntm_proto.endpoint`.
+
+Per wake-up each side is drained until EAGAIN (bounded, so neither side starves the
+other), and sockets get large buffers: syscalls and the interpreter, not AES, bound a
+userspace tunnel (see docs/performance.md). All protocol decisions live in ntm_proto.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import socket
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from ntm_proto.crypto import StaticKey
+from ntm_proto.endpoint import TunnelEndpoint
+from ntm_proto.errors import LocalProtocolError
+from ntm_proto.messages import Endpoint, PathRole, RouteDirection
+from ntm_proto.path import (
+    HandshakeFailed,
+    PathConfig,
+    PathEstablished,
+    PeerAddressChanged,
+    TunnelPath,
+)
+
+log = logging.getLogger("ntm.engine")
+
+SOCKET_BUFFER = 4 * 1024 * 1024
+MAX_BATCH = 256  # packets handled per wake-up and direction before yielding
+
+
+class PacketDevice(Protocol):
+    def fileno(self) -> int: ...
+    def read_batch(self, max_packets: int = 64) -> list[bytes]: ...
+    def write(self, packet: bytes) -> None: ...
+
+
+class PathError(Exception):
+    """A tunnel could not be built (handshake failed or timed out)."""
+
+
+class TunnelEngine:
+    def __init__(
+        self,
+        static_key: StaticKey,
+        port: int,
+        keepalive_interval: float = 15.0,
+        on_path_change: Callable[[], None] | None = None,
+    ) -> None:
+        self.static_key = static_key
+        self.port = port
+        self.keepalive_interval = keepalive_interval
+        self.endpoint = TunnelEndpoint()
+        self.local_vip: str | None = None
+        self._local_vip_bytes = b""
+        self.tun: PacketDevice | None = None
+        self.counters: dict[str, int] = {}
+        self._socks: dict[int, socket.socket] = {}
+        # inner destination address (packed) -> the path that carries it now
+        self._route: dict[bytes, TunnelPath] = {}
+        self._meta: dict[bytes, RouteDirection] = {}
+        self._waiters: dict[bytes, list[asyncio.Future[None]]] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._on_path_change = on_path_change
+
+    def _count(self, key: str, n: int = 1) -> None:
+        self.counters[key] = self.counters.get(key, 0) + n
+
+    # --- set-up --------------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Bind the tunnel port on IPv4 and IPv6 (separately: no v4-mapped addresses)."""
+        self._loop = asyncio.get_running_loop()
+        for family, host in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
+            sock = socket.socket(family, socket.SOCK_DGRAM)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            _big_buffers(sock)
+            sock.setblocking(False)
+            try:
+                sock.bind((host, self.port))
+            except OSError as exc:
+                sock.close()
+                if family == socket.AF_INET6 and not socket.has_ipv6:
+                    continue
+                raise OSError(
+                    f"cannot bind the tunnel port {host}:{self.port}: {exc}; "
+                    "is another node running, or pick another [node] tunnel_port"
+                ) from exc
+            self._socks[family] = sock
+            self._loop.add_reader(sock.fileno(), self._on_udp, sock)
+
+    def attach_tun(self, tun: PacketDevice, local_vip: str) -> None:
+        assert self._loop is not None
+        if self.tun is not None:
+            self._loop.remove_reader(self.tun.fileno())
+        self.tun = tun
+        self.set_local_vip(local_vip)
+        self._loop.add_reader(tun.fileno(), self._on_tun)
+
+    def set_local_vip(self, vip: str) -> None:
+        self.local_vip = vip
+        self._local_vip_bytes = ipaddress.IPv4Address(vip).packed
+
+    def close(self) -> None:
+        if self._loop is not None:
+            for sock in self._socks.values():
+                self._loop.remove_reader(sock.fileno())
+                sock.close()
+            if self.tun is not None:
+                self._loop.remove_reader(self.tun.fileno())
+        self._socks.clear()
+        if self._timer:
+            self._timer.cancel()
+
+    # --- paths ---------------------------------------------------------------------------
+
+    def add_path(self, rd: RouteDirection) -> TunnelPath:
+        """Install the path a Route Direction describes; the initiator starts the handshake."""
+        if self.local_vip is None:
+            raise LocalProtocolError("no vIP yet: register with the DC first")
+        now, wall = time.monotonic(), time.time_ns()
+        config = PathConfig(
+            path_id=rd.path_id,
+            role=rd.role,
+            local_static=self.static_key,
+            peer_static_public=rd.peer_key,
+            local_vip=self.local_vip,
+            peer_vip=rd.peer_vip,
+            peer_endpoints=self._usable(rd.peer_endpoints),
+            keepalive_interval=self.keepalive_interval,
+        )
+        path = self.endpoint.add_path(config, now)
+        self._meta[rd.path_id] = rd
+        if rd.role is PathRole.INITIATOR:
+            path.connect(now, wall)
+        log.info(
+            "path %s to %s (%s) %s as %s via %s",
+            rd.path_id.hex(),
+            rd.peer_fqdn,
+            rd.peer_vip,
+            rd.kind.name.lower(),
+            rd.role.name.lower(),
+            ", ".join(f"{a}:{p}" for a, p in config.peer_endpoints) or "(waiting)",
+        )
+        self._flush()
+        return path
+
+    def _usable(self, endpoints: tuple[Endpoint, ...]) -> tuple[Endpoint, ...]:
+        families = {
+            socket.AF_INET if ipaddress.ip_address(a).version == 4 else socket.AF_INET6
+            for a, _ in endpoints
+        }
+        ok = families & set(self._socks)
+        return tuple(
+            ep
+            for ep in endpoints
+            if (socket.AF_INET if ipaddress.ip_address(ep[0]).version == 4 else socket.AF_INET6)
+            in ok
+        )
+
+    async def wait_established(self, path_id: bytes, timeout: float) -> None:
+        path = self.endpoint.path(path_id)
+        if path is None:
+            raise PathError("the path is gone")
+        if path.is_established:
+            return
+        assert self._loop is not None
+        fut: asyncio.Future[None] = self._loop.create_future()
+        self._waiters.setdefault(path_id, []).append(fut)
+        try:
+            await asyncio.wait_for(fut, timeout)
+        finally:
+            waiters = self._waiters.get(path_id, [])
+            if fut in waiters:
+                waiters.remove(fut)
+
+    def path_to(self, peer_vip: str) -> TunnelPath | None:
+        return self._route.get(ipaddress.IPv4Address(peer_vip).packed)
+
+    def path_for_fqdn(self, fqdn: str) -> TunnelPath | None:
+        """The path that carries traffic to `fqdn` now (the newest established one)."""
+        for rd in self._meta.values():
+            if rd.peer_fqdn == fqdn:
+                path = self.path_to(rd.peer_vip)
+                if path is not None:
+                    return path
+        return None
+
+    def route_direction(self, path_id: bytes) -> RouteDirection | None:
+        return self._meta.get(path_id)
+
+    def remove_path(self, path_id: bytes) -> None:
+        self.endpoint.remove_path(path_id)
+        rd = self._meta.pop(path_id, None)
+        if rd is not None:
+            key = ipaddress.IPv4Address(rd.peer_vip).packed
+            route = self._route.get(key)
+            if route is not None and route.path_id == path_id:
+                del self._route[key]
+        for fut in self._waiters.pop(path_id, []):
+            if not fut.done():
+                fut.set_exception(PathError("path removed"))
+
+    def local_address_changed(self) -> None:
+        now, wall = time.monotonic(), time.time_ns()
+        for path in list(self.endpoint.paths()):
+            path.set_local_address_changed(now, wall)
+        self._flush()
+
+    # --- data path -----------------------------------------------------------------------
+
+    def _on_tun(self) -> None:
+        assert self.tun is not None
+        now = time.monotonic()
+        route = self._route
+        handled = 0
+        while handled < MAX_BATCH:
+            packets = self.tun.read_batch(64)
+            if not packets:
+                break
+            handled += len(packets)
+            for pkt in packets:
+                if len(pkt) < 20 or pkt[0] >> 4 != 4:
+                    self._count("tun_dropped_not_ipv4")
+                    continue
+                path = route.get(pkt[16:20])
+                if path is None:
+                    self._count("tun_dropped_no_path")
+                    continue
+                out = path.seal(pkt, now)
+                addr = path.peer_address
+                if out is None or addr is None:
+                    self._count("tun_dropped_not_established")
+                    continue
+                self._send(out, addr)
+            if len(packets) < 64:
+                break
+        self._flush()
+
+    def _on_udp(self, sock: socket.socket) -> None:
+        now, wall = time.monotonic(), time.time_ns()
+        receive = self.endpoint.receive_datagram
+        tun = self.tun
+        for _ in range(MAX_BATCH):
+            try:
+                data, addr = sock.recvfrom(65535)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:  # e.g. ICMP port unreachable surfaced as ECONNREFUSED
+                self._count("udp_errors")
+                log.debug("udp receive error: %s", exc)
+                continue
+            result = receive(data, (addr[0], addr[1]), now, wall)
+            if result is None:
+                continue
+            path, inner = result
+            if not inner:
+                continue
+            # The peer may only speak for its own vIP, and only to ours.
+            if (
+                len(inner) < 20
+                or inner[0] >> 4 != 4
+                or inner[12:16] != path.peer_vip_bytes
+                or inner[16:20] != self._local_vip_bytes
+            ):
+                self._count("rx_dropped_inner_address")
+                continue
+            if tun is not None:
+                tun.write(inner)
+        self._flush()
+
+    def _send(self, data: bytes, addr: Endpoint) -> None:
+        family = socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
+        sock = self._socks.get(family)
+        if sock is None:
+            self._count("tx_dropped_no_family")
+            return
+        try:
+            sock.sendto(data, addr)
+        except (BlockingIOError, InterruptedError):
+            self._count("tx_dropped_full")
+        except OSError as exc:
+            self._count("tx_errors")
+            log.debug("send to %s failed: %s", addr, exc)
+
+    # --- timers and events -------------------------------------------------------------
+
+    def _flush(self) -> None:
+        now = time.monotonic()
+        for data, addr in self.endpoint.datagrams_to_send(now):
+            self._send(data, addr)
+        self._handle_events()
+        self._arm_timer()
+
+    def _arm_timer(self) -> None:
+        when = self.endpoint.get_timer()
+        if self._timer is not None:
+            if when is not None and abs(self._timer.when() - when) < 0.001:
+                return
+            self._timer.cancel()
+            self._timer = None
+        if when is not None and self._loop is not None:
+            self._timer = self._loop.call_at(max(when, self._loop.time()), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self.endpoint.handle_timer(time.monotonic(), time.time_ns())
+        self._flush()
+
+    def _handle_events(self) -> None:
+        changed = False
+        for path_id, event in self.endpoint.events():
+            rd = self._meta.get(path_id)
+            name = rd.peer_fqdn if rd else path_id.hex()
+            if isinstance(event, PathEstablished):
+                path = self.endpoint.path(path_id)
+                if path is not None and rd is not None:
+                    key = ipaddress.IPv4Address(rd.peer_vip).packed
+                    old = self._route.get(key)
+                    self._route[key] = path
+                    if old is not None and old.path_id != path_id:
+                        self._retire(old.path_id)
+                log.info(
+                    "path %s to %s established via %s", path_id.hex(), name, event.peer_address
+                )
+                for fut in self._waiters.pop(path_id, []):
+                    if not fut.done():
+                        fut.set_result(None)
+                changed = True
+            elif isinstance(event, PeerAddressChanged):
+                log.info("path %s: %s moved %s -> %s", path_id.hex(), name, event.old, event.new)
+                changed = True
+            elif isinstance(event, HandshakeFailed):
+                log.warning("path %s to %s failed: %s", path_id.hex(), name, event.reason)
+                for fut in self._waiters.pop(path_id, []):
+                    if not fut.done():
+                        fut.set_exception(PathError(event.reason))
+                self.remove_path(path_id)
+                changed = True
+        if changed and self._on_path_change:
+            self._on_path_change()
+
+    def _retire(self, path_id: bytes) -> None:
+        """A newer path to the same peer took over: drop the old one."""
+        log.info("path %s replaced by a newer one", path_id.hex())
+        self.endpoint.remove_path(path_id)
+        self._meta.pop(path_id, None)
+
+    def status(self) -> list[dict[str, Any]]:
+        out = []
+        for path in self.endpoint.paths():
+            rd = self._meta.get(path.path_id)
+            out.append(
+                {
+                    "path_id": path.path_id.hex(),
+                    "peer_fqdn": rd.peer_fqdn if rd else None,
+                    "peer_vip": rd.peer_vip if rd else None,
+                    "kind": rd.kind.name.lower() if rd else None,
+                    "role": rd.role.name.lower() if rd else None,
+                    "state": path.state.name.lower(),
+                    "peer_address": list(path.peer_address) if path.peer_address else None,
+                    "counters": dict(path.counters),
+                }
+            )
+        return out
+
+
+def _big_buffers(sock: socket.socket) -> None:
+    for opt, force in ((socket.SO_RCVBUF, 33), (socket.SO_SNDBUF, 32)):  # *BUFFORCE as root
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, force, SOCKET_BUFFER)
+        except OSError:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)

@@ -1,0 +1,155 @@
+"""Issue 2 end to end in the netns lab: CNAME-triggered tunnels, pass-through, moves."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.lab
+
+PY = sys.executable
+
+
+def status(lab: Any, service: str) -> dict[str, Any]:
+    out = lab.exec(service, "ntm", "status", "--socket", f"{lab.state}/run/{service}.sock")
+    return json.loads(out.stdout)
+
+
+def wait_for(predicate: Any, timeout: float = 15.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def curl(lab: Any, url: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return lab.exec("mn1", "curl", "-sS", "--max-time", "10", url, check=check)
+
+
+DNS_QUERY = r"""
+import socket, sys, dnslib
+q = dnslib.DNSRecord.question(sys.argv[1], sys.argv[2])
+q.header.id = 4242
+out = {}
+for server in sys.argv[3:]:
+    s = socket.socket(socket.AF_INET6 if ':' in server else socket.AF_INET, socket.SOCK_DGRAM)
+    s.settimeout(5)
+    s.sendto(q.pack(), (server, 53))
+    data, _ = s.recvfrom(4096)
+    r = dnslib.DNSRecord.parse(data)
+    out[server] = sorted((str(rr.rname), rr.rtype, str(rr.rdata)) for rr in r.rr)
+print(__import__('json').dumps(out))
+"""
+
+
+def dns_answers(lab: Any, service: str, name: str, qtype: str, *servers: str) -> dict[str, Any]:
+    out = lab.exec(service, PY, "-c", DNS_QUERY, name, qtype, *servers)
+    return json.loads(out.stdout)
+
+
+@pytest.fixture(scope="module")
+def ready(lab: Any) -> Iterator[Any]:
+    wait_for(lambda: status(lab, "mn1")["registered"], what="mn1 registered")
+    wait_for(lambda: status(lab, "cn2")["registered"], what="cn2 registered")
+    yield lab
+
+
+def test_global_name_goes_through_the_tunnel(ready: Any) -> None:
+    lab = ready
+    mn1 = status(lab, "mn1")
+    page = curl(lab, "http://global.example.com/").stdout
+    assert "server=cn2" in page
+    assert f"client={mn1['vip']}" in page  # cn2 sees mn1's virtual IP, not its real address
+    paths = status(lab, "mn1")["paths"]
+    assert any(p["peer_fqdn"] == "cn2.ntm.example.com" and p["kind"] == "direct" for p in paths)
+    cn2_paths = status(lab, "cn2")["paths"]
+    assert any(p["peer_vip"] == mn1["vip"] and p["state"] == "established" for p in cn2_paths)
+
+
+def test_application_gets_the_peer_vip(ready: Any) -> None:
+    lab = ready
+    cn2_vip = status(lab, "cn2")["vip"]
+    got = dns_answers(lab, "mn1", "global.example.com", "A", "127.0.0.1")["127.0.0.1"]
+    assert ("cn2.ntm.example.com.", 1, cn2_vip) in got
+    assert ("global.example.com.", 5, "cn2.ntm.example.com.") in got
+    # AAAA for a marked name: NODATA with the CNAME chain, so apps fall back to the IPv4 vIP
+    got6 = dns_answers(lab, "mn1", "global.example.com", "AAAA", "127.0.0.1")["127.0.0.1"]
+    assert all(rtype != 28 for _, rtype, _ in got6)
+
+
+def test_plain_name_passes_through_untouched(ready: Any) -> None:
+    lab = ready
+    before_dc = status(lab, "dc1")["counters"].get("directions", 0)
+    before_mn = status(lab, "mn1")["counters"]["dns"].get("intercepted", 0)
+    assert "server=plainweb" in curl(lab, "http://plain.example.com/").stdout
+    got = dns_answers(lab, "mn1", "plain.example.com", "A", "127.0.0.1", "198.51.100.11")
+    assert got["127.0.0.1"] == got["198.51.100.11"] == [
+        ("plain.example.com.", 1, "198.51.100.40")
+    ]
+    assert status(lab, "dc1")["counters"].get("directions", 0) == before_dc
+    assert status(lab, "mn1")["counters"]["dns"].get("intercepted", 0) == before_mn
+
+
+def test_internet_sees_only_tunnel_udp(ready: Any) -> None:
+    lab = ready
+    pcap = f"{lab.state}/cn2-internet.pcap"
+    cap = subprocess.Popen(
+        ["ip", "netns", "exec", f"{lab.name}-cn2", "tcpdump", "-i", "internet", "-U", "-n",
+         "-w", pcap, "not", "port", "4433"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert cap.stderr is not None
+        line = cap.stderr.readline()  # "listening on internet ..." once the capture runs
+        assert "listening" in line, line
+        page = curl(lab, "http://global.example.com/").stdout
+        assert "server=cn2" in page
+    finally:
+        cap.terminate()
+        cap.wait(timeout=10)
+    raw = open(pcap, "rb").read()
+    assert b"server=cn2" not in raw and b"GET /" not in raw  # no plaintext on the wire
+    text = subprocess.run(
+        ["tcpdump", "-n", "-r", pcap], capture_output=True, text=True, check=True
+    ).stdout
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    assert lines, "the capture saw no tunnel packets"
+    assert all(".7400" in ln and "UDP" in ln for ln in lines if " IP" in ln), text
+
+
+def test_move_and_back_keeps_vip(ready: Any) -> None:
+    lab = ready
+    vip = status(lab, "mn1")["vip"]
+    lab.move("mn1", "access-b")
+    try:
+        wait_for(
+            lambda: (s := status(lab, "mn1"))["registered"] and s["seen_by_dc"][0].startswith("2001:db8:b:"),
+            what="mn1 re-registered from access-b",
+        )
+        assert status(lab, "mn1")["vip"] == vip
+        page = wait_for(
+            lambda: curl(lab, "http://global.example.com/", check=False).stdout, what="curl via v6"
+        )
+        assert f"client={vip}" in page
+    finally:
+        lab.move("mn1", "access-a")
+    wait_for(
+        lambda: (s := status(lab, "mn1"))["registered"] and s["seen_by_dc"][0] == "198.51.100.2",
+        what="mn1 re-registered from access-a",
+    )
+    assert status(lab, "mn1")["vip"] == vip
+    page = wait_for(
+        lambda: curl(lab, "http://global.example.com/", check=False).stdout, what="curl via v4"
+    )
+    assert f"client={vip}" in page

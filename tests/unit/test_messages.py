@@ -1,0 +1,154 @@
+"""The message codec: round trips, strict decoding, and garbage never escapes as a crash."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from ntm_proto import messages as m
+from ntm_proto.errors import DecodeError, LocalProtocolError
+
+KEY = bytes(range(32))
+
+SAMPLES: list[m.Message] = [
+    m.RegistrationRequest(
+        fqdn="mn1.ntm.example.com",
+        static_key=KEY,
+        tunnel_port=7400,
+        endpoints=(("10.10.1.100", 7400), ("2001:db8:b::100", 7400)),
+    ),
+    m.RegistrationResponse(
+        vip="100.64.3.4",
+        vip_prefix_len=10,
+        vip_network="100.64.0.0",
+        seen=("198.51.100.2", 40123),
+        behind_nat=True,
+        lifetime=300,
+    ),
+    m.DirectionRequest(source="mn1.ntm.example.com", target="cn2.ntm.example.com"),
+    m.RouteDirection(
+        path_id=b"\x01" * 8,
+        kind=m.RouteKind.DIRECT,
+        role=m.PathRole.INITIATOR,
+        peer_fqdn="cn2.ntm.example.com",
+        peer_vip="100.64.0.9",
+        peer_key=KEY,
+        peer_endpoints=(("198.51.100.30", 7400),),
+        relay=None,
+        lifetime=3600,
+    ),
+    m.RouteDirectionAck(path_id=b"\x02" * 8),
+    m.ErrorMessage(m.ErrorCode.NOT_AUTHORIZED, "not in your certificate"),
+    m.TunnelRequest(timestamp=2**63, initiator_vip="100.64.0.1"),
+    m.TunnelResponse(timestamp=1, responder_vip="100.64.0.2"),
+    m.Keepalive(),
+    m.Probe(seq=7, sent_us=123456),
+    m.ProbeAck(seq=7, sent_us=123456),
+]
+
+
+@pytest.mark.parametrize("msg", SAMPLES, ids=lambda x: type(x).__name__)
+def test_round_trip(msg: m.Message) -> None:
+    data = m.encode(msg)
+    assert data[0] == m.VERSION and data[1] == msg.TYPE
+    assert struct.unpack("!H", data[2:4])[0] == len(data) - 4
+    assert m.decode(data) == msg
+
+
+def test_wrong_version_is_typed() -> None:
+    data = bytearray(m.encode(SAMPLES[2]))
+    data[0] = 9
+    with pytest.raises(m.DecodeError) as exc:
+        m.decode(bytes(data))
+    assert exc.value.reason == "bad_version"
+
+
+def test_unknown_type_is_typed() -> None:
+    with pytest.raises(DecodeError) as exc:
+        m.decode(bytes([1, 99, 0, 0]))
+    assert exc.value.reason == "bad_type"
+
+
+@pytest.mark.parametrize("msg", SAMPLES, ids=lambda x: type(x).__name__)
+def test_every_truncation_is_rejected(msg: m.Message) -> None:
+    data = m.encode(msg)
+    for cut in range(len(data)):
+        with pytest.raises(DecodeError):
+            m.decode(data[:cut])
+
+
+def test_trailing_bytes_rejected() -> None:
+    data = m.encode(SAMPLES[2])
+    fixed = data[:2] + struct.pack("!H", len(data) - 4 + 1) + data[4:] + b"x"
+    with pytest.raises(DecodeError) as exc:
+        m.decode(fixed)
+    assert exc.value.reason == "bad_length"
+
+
+def test_oversized_field_rejected() -> None:
+    body = struct.pack("!H", 5000) + b"a" * 10
+    with pytest.raises(DecodeError):
+        m.decode(bytes([1, m.MsgType.ERROR, 0, 0]) + body)
+
+
+def test_bad_fqdn_rejected_on_decode() -> None:
+    good = m.encode(m.DirectionRequest(source="a.ntm.example.com", target="b.ntm.example.com"))
+    bad = good.replace(b"b.ntm", b"B.ntm")
+    with pytest.raises(DecodeError) as exc:
+        m.decode(bad)
+    assert exc.value.reason == "bad_field"
+
+
+def test_bad_enum_and_family_rejected() -> None:
+    rd = bytearray(m.encode(SAMPLES[3]))
+    rd[4 + 8] = 77  # kind
+    with pytest.raises(DecodeError):
+        m.decode(bytes(rd))
+
+
+def test_encoding_invalid_values_is_a_local_error() -> None:
+    with pytest.raises(LocalProtocolError):
+        m.encode(m.DirectionRequest(source="UPPER.example.com", target="x.ntm.example.com"))
+    with pytest.raises(LocalProtocolError):
+        m.encode(m.Probe(seq=-1, sent_us=0))
+    with pytest.raises(LocalProtocolError):
+        m.encode(m.RouteDirectionAck(path_id=b"short"))
+
+
+def test_decode_as_insists_on_type() -> None:
+    with pytest.raises(m.UnexpectedMessage):
+        m.decode_as(m.encode(m.Keepalive()), m.Probe)
+
+
+@given(st.binary(max_size=300))
+def test_random_bytes_only_raise_decode_error(data: bytes) -> None:
+    try:
+        m.decode(data)
+    except DecodeError:
+        pass
+
+
+@given(st.sampled_from(SAMPLES), st.data())
+def test_mutated_messages_decode_or_raise_typed(msg: m.Message, data: st.DataObject) -> None:
+    raw = bytearray(m.encode(msg))
+    for _ in range(data.draw(st.integers(1, 4))):
+        i = data.draw(st.integers(0, len(raw) - 1))
+        raw[i] = data.draw(st.integers(0, 255))
+    try:
+        out = m.decode(bytes(raw))
+    except DecodeError:
+        return
+    # Whatever decodes must encode back to the same bytes: no silent normalisation.
+    assert m.encode(out) == bytes(raw)
+
+
+@given(
+    st.lists(st.tuples(st.ip_addresses().map(str), st.integers(1, 65535)), max_size=16),
+    st.integers(0, 65535),
+)
+def test_endpoint_lists_round_trip(eps: list[tuple[str, int]], port: int) -> None:
+    msg = m.RegistrationRequest("n.ntm.example.com", KEY, port, tuple(eps))
+    assert m.decode(m.encode(msg)) == msg
