@@ -53,6 +53,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         p.add_argument("service")
     p.add_argument("--tail", "-n", type=int, default=0, help="only the last N lines")
 
+    p = sub.add_parser(
+        "demo", parents=[lab], help="bring the lab up, run the narrated scenario, tear down"
+    )
+    p.add_argument("--file", "-f", type=Path, default=Path("compose.yaml"), help="compose file")
+
     p = sub.add_parser("service-init", help="apply NTM_LAB_ROUTES/NTM_LAB_MASQUERADE, exec CMD")
     p.add_argument("cmd", nargs=argparse.REMAINDER)
     p = sub.add_parser("run-all", help="run several commands as one service")
@@ -93,6 +98,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         names.check_lab_name(args.name)
         state_dir = args.state or Path.cwd() / ".lab" / args.name
         return _lab_verb(verb, args, state_dir.absolute())
+    if verb == "demo":
+        from lab import demo
+
+        names.check_lab_name(args.name)
+        state_dir = (args.state or Path.cwd() / ".lab" / args.name).absolute()
+        return demo.run(args.name, str(args.file), state_dir)
     if verb == "service-init":
         from lab import service_init
 

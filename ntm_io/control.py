@@ -749,19 +749,28 @@ async def connect_control(
     try:
         async with asyncio.timeout(connect_timeout):
             await protocol._ready
+        conn = protocol.connection
+        if conn is None:  # cannot happen: the PING is acked only after the handshake
+            raise ControlRefused("handshake did not complete")
     except TimeoutError:
-        protocol.close(reason_phrase="handshake timeout")
-        protocol._release(force=True)
+        _abandon(protocol, "handshake timeout")
         raise ControlTimeout(
             f"no control handshake with {host}:{port} within {connect_timeout:g} s"
         ) from None
     except ControlRefused as exc:
-        protocol._release(force=True)
+        _abandon(protocol, str(exc))
         raise ControlRefused(f"control connection to {host}:{port} refused: {exc}") from None
-    if protocol.connection is None:  # cannot happen: the PING is acked after the handshake
-        protocol.close(reason_phrase="internal error")
-        raise ControlRefused(f"control connection to {host}:{port} was not established")
-    return protocol.connection
+    except BaseException:  # cancelled by the caller: leave no socket or timer behind
+        _abandon(protocol, "connect cancelled")
+        raise
+    return conn
+
+
+def _abandon(protocol: _ControlProtocol, reason: str) -> None:
+    protocol.close(reason_phrase=reason)
+    if protocol.connection is not None:
+        protocol.connection._finish(reason)
+    protocol._release(force=True)
 
 
 async def _resolve(host: str, port: int, local_addr: Address | None) -> tuple[Any, int]:

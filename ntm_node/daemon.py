@@ -25,6 +25,7 @@ from ntm_proto.messages import (
     RouteDirection,
     RouteDirectionAck,
 )
+from ntm_proto.path import PathState
 
 from .config import NodeConfig
 from .dc_client import DcClient, DirectionError
@@ -57,7 +58,7 @@ class NodeDaemon:
         self.addresses: AddressSet = current_addresses(ignore_ifaces=(config.tun_name,))
         self.dc = DcClient(
             config,
-            self.static_key.public_bytes,
+            self.static_key.public_bytes(),
             addresses=lambda: self.addresses,
             on_push=self._on_push,
             on_registered=self._on_registered,
@@ -137,7 +138,7 @@ class NodeDaemon:
     async def directions(self, fqdn: str) -> str:
         """Called by the stub resolver for a marked name: the peer's vIP once the tunnel is up."""
         existing = self.engine.path_for_fqdn(fqdn)
-        if existing is not None and existing.is_established:
+        if existing is not None and existing.state is PathState.ESTABLISHED:
             rd = self.engine.route_direction(existing.path_id)
             if rd is not None:
                 return rd.peer_vip
@@ -156,7 +157,7 @@ class NodeDaemon:
 
     async def _refresh_paths(self) -> None:
         """After a move, ask again for every tunnel we initiated: the route may change."""
-        for path in list(self.engine.endpoint.paths()):
+        for path in list(self.engine.endpoint.paths):
             rd = self.engine.route_direction(path.path_id)
             if rd is None or rd.role is not PathRole.INITIATOR:
                 continue

@@ -24,6 +24,7 @@ from ntm_proto.path import (
     HandshakeFailed,
     PathConfig,
     PathEstablished,
+    PathState,
     PeerAddressChanged,
     TunnelPath,
 )
@@ -37,7 +38,7 @@ MAX_BATCH = 256  # packets handled per wake-up and direction before yielding
 class PacketDevice(Protocol):
     def fileno(self) -> int: ...
     def read_batch(self, max_packets: int = 64) -> list[bytes]: ...
-    def write(self, packet: bytes) -> None: ...
+    def write(self, packet: bytes) -> bool: ...
 
 
 class PathError(Exception):
@@ -64,6 +65,7 @@ class TunnelEngine:
         # inner destination address (packed) -> the path that carries it now
         self._route: dict[bytes, TunnelPath] = {}
         self._meta: dict[bytes, RouteDirection] = {}
+        self._peer_vip: dict[bytes, bytes] = {}  # path id -> the only inner source it may use
         self._waiters: dict[bytes, list[asyncio.Future[None]]] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -138,6 +140,7 @@ class TunnelEngine:
         )
         path = self.endpoint.add_path(config, now)
         self._meta[rd.path_id] = rd
+        self._peer_vip[rd.path_id] = ipaddress.IPv4Address(rd.peer_vip).packed
         if rd.role is PathRole.INITIATOR:
             path.connect(now, wall)
         log.info(
@@ -169,7 +172,7 @@ class TunnelEngine:
         path = self.endpoint.path(path_id)
         if path is None:
             raise PathError("the path is gone")
-        if path.is_established:
+        if path.state is PathState.ESTABLISHED:
             return
         assert self._loop is not None
         fut: asyncio.Future[None] = self._loop.create_future()
@@ -199,6 +202,7 @@ class TunnelEngine:
     def remove_path(self, path_id: bytes) -> None:
         self.endpoint.remove_path(path_id)
         rd = self._meta.pop(path_id, None)
+        self._peer_vip.pop(path_id, None)
         if rd is not None:
             key = ipaddress.IPv4Address(rd.peer_vip).packed
             route = self._route.get(key)
@@ -210,7 +214,7 @@ class TunnelEngine:
 
     def local_address_changed(self) -> None:
         now, wall = time.monotonic(), time.time_ns()
-        for path in list(self.endpoint.paths()):
+        for path in list(self.endpoint.paths):
             path.set_local_address_changed(now, wall)
         self._flush()
 
@@ -247,6 +251,7 @@ class TunnelEngine:
     def _on_udp(self, sock: socket.socket) -> None:
         now, wall = time.monotonic(), time.time_ns()
         receive = self.endpoint.receive_datagram
+        peer_vip = self._peer_vip
         tun = self.tun
         for _ in range(MAX_BATCH):
             try:
@@ -267,7 +272,7 @@ class TunnelEngine:
             if (
                 len(inner) < 20
                 or inner[0] >> 4 != 4
-                or inner[12:16] != path.peer_vip_bytes
+                or inner[12:16] != peer_vip.get(path.path_id)
                 or inner[16:20] != self._local_vip_bytes
             ):
                 self._count("rx_dropped_inner_address")
@@ -352,10 +357,11 @@ class TunnelEngine:
         log.info("path %s replaced by a newer one", path_id.hex())
         self.endpoint.remove_path(path_id)
         self._meta.pop(path_id, None)
+        self._peer_vip.pop(path_id, None)
 
     def status(self) -> list[dict[str, Any]]:
         out = []
-        for path in self.endpoint.paths():
+        for path in self.endpoint.paths:
             rd = self._meta.get(path.path_id)
             out.append(
                 {

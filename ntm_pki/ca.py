@@ -425,7 +425,7 @@ def load_batch_spec(path: str | os.PathLike[str]) -> tuple[str, list[IdentitySpe
     """Parse a batch spec TOML: ``[ca] name`` and ``[[identity]]`` tables."""
     data = load_toml(path)
     ca = section(data, "ca", required=False)
-    ca_name: str = ca.str("name", DEFAULT_CA_NAME)
+    ca_name: str = ca.text("name", DEFAULT_CA_NAME)
     ca.check_unknown()
     tables = data.get("identity", [])
     if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
@@ -447,11 +447,11 @@ def _identity_from_table(table: dict[str, object], index: int) -> IdentitySpec:
     sec = section({"identity": table}, "identity")
     sec.where = f"identity #{index + 1}"
     spec = make_spec(
-        sec.str("name"),
-        sec.str("role"),
-        sec.str_list("dns", []),
-        sec.str_list("ip", []),
-        sec.int("days", DEFAULT_DAYS, lo=1, hi=36500),
+        sec.text("name"),
+        sec.text("role"),
+        sec.texts("dns", []),
+        sec.texts("ip", []),
+        sec.integer("days", DEFAULT_DAYS, lo=1, hi=36500),
     )
     sec.check_unknown()
     return spec

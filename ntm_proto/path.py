@@ -89,7 +89,7 @@ from .messages import (
     decode,
     encode,
 )
-from .packet import PREFIX_SIZE, TUNNEL_OVERHEAD, PacketType
+from .packet import PREFIX_SIZE, TUNNEL_OVERHEAD, PacketType, parse
 
 _DATA = int(PacketType.DATA)
 _CONTROL = int(PacketType.CONTROL)
@@ -425,31 +425,25 @@ class TunnelPath:
         Raises a `RemoteProtocolError` subclass for anything that must be dropped (counted
         in `counters` as drop_<reason> first).
         """
+        # One function on purpose: DATA under the current key is the hot path.
         try:
-            return self._receive(data, addr, now, wall_ns)
-        except RemoteProtocolError as exc:
-            reason = error_reason(exc)
-            self._drops[reason] = self._drops.get(reason, 0) + 1
-            raise
-
-    def _receive(self, data: bytes, addr: Endpoint, now: float, wall_ns: int) -> bytes | None:
-        n = len(data)
-        if n < PREFIX_SIZE:
-            raise LengthError(f"{n} bytes is shorter than the {PREFIX_SIZE}-byte prefix")
-        if data[4:12] != self.path_id:
-            raise WrongPath("packet for another path")
-        ptype = data[0]
-        if ptype in (_DATA, _CONTROL):
-            if n < TUNNEL_OVERHEAD + (ptype == _DATA):
-                raise LengthError(f"transport packet of {n} bytes")
-            if data[2] or data[3]:
-                raise FieldError("reserved", "must be 0")
+            n = len(data)
+            if n < PREFIX_SIZE:
+                raise LengthError(f"{n} bytes is shorter than the {PREFIX_SIZE}-byte prefix")
+            if data[4:12] != self.path_id:
+                raise WrongPath("packet for another path")
+            ptype = data[0]
+            if ptype != _DATA and ptype != _CONTROL:  # noqa: PLR1714 (cheaper than `in`)
+                return self._receive_handshake(ptype, data, addr, now)
+            if n < TUNNEL_OVERHEAD + (ptype == _DATA) or data[2] or data[3]:
+                parse(data)  # raises the precise DecodeError
             s = self._current
             if s is None or s.epoch_byte != data[1]:
                 s = self._other_session(data[1], now)
             counter = int.from_bytes(data[12:20], "big")
-            newest = counter > s.recv.window.highest
-            plaintext = s.recv.open(data, counter)
+            recv = s.recv
+            newest = counter > recv.window.highest
+            plaintext = recv.open(data, counter)  # raises ReplayError/AuthenticationError
             self._rx_packets += 1
             self._rx_bytes += n
             self._last_received = now
@@ -465,13 +459,21 @@ class TunnelPath:
                 return plaintext
             self._on_control(plaintext, now)
             return None
+        except RemoteProtocolError as exc:
+            reason = error_reason(exc)
+            self._drops[reason] = self._drops.get(reason, 0) + 1
+            raise
+
+    def _receive_handshake(
+        self, ptype: int, data: bytes, addr: Endpoint, now: float
+    ) -> bytes | None:
         if ptype == _INIT:
             self._on_init(data, addr, now)
-            return None
-        if ptype == _RESP:
+        elif ptype == _RESP:
             self._on_response(data, addr, now)
-            return None
-        raise UnknownMessageType(f"tunnel packet type {ptype}")
+        else:
+            raise UnknownMessageType(f"tunnel packet type {ptype}")
+        return None
 
     def _other_session(self, epoch: int, now: float) -> _Session:
         """The key for a packet not under the current epoch (next or previous)."""

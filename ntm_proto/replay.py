@@ -1,13 +1,15 @@
-"""Sliding anti-replay window over 64-bit packet counters (RFC 6479 in spirit).
+"""Sliding anti-replay window over 64-bit packet counters (RFC 6479).
 
 The window remembers the highest counter accepted (`highest`) and, for the `WINDOW_SIZE`
 counters at and below it, which ones were seen. A counter is acceptable when it is above
-`highest`, or inside the window and not yet seen. Anything at or below
+`highest`, or less than `WINDOW_SIZE` below it and not yet seen. Anything at or below
 `highest - WINDOW_SIZE` is too old to judge and is refused.
 
-The bitmap is one Python int: bit i stands for counter `highest - i`. Moving forward is a
-single shift-or-mask on a 2048-bit int, which CPython does in well under a microsecond and
-which, unlike RFC 6479's ring of words, keeps the whole window exact (no 64-bit slack).
+Layout (RFC 6479): a ring of 64-bit words; counter c lives in word (c >> 6) mod 33, bit
+c & 63. Advancing clears only the words skipped, so an in-order packet costs a few
+small-int operations and never shifts the whole bitmap. 33 words (2112 bits) hold every
+counter of a 2048-wide window without two live counters sharing a bit; the age check
+keeps the window exactly 2048 packets.
 
 Protocol rule: `check` before decrypting, `update` only after the AEAD tag verified,
 otherwise a forged packet with a huge counter would slide the window and block real ones.
@@ -16,41 +18,44 @@ otherwise a forged packet with a huge counter would slide the window and block r
 from __future__ import annotations
 
 WINDOW_SIZE = 2048
-_MASK = (1 << WINDOW_SIZE) - 1
+_WORD_BITS = 64
+_WORDS = WINDOW_SIZE // _WORD_BITS + 1  # one spare word: the top word is partly filled
 
 
 class ReplayWindow:
-    __slots__ = ("_bits", "_highest")
+    __slots__ = ("_words", "highest")
 
     def __init__(self) -> None:
-        self._highest = -1  # nothing seen yet; counter 0 is a valid first packet
-        self._bits = 0
-
-    @property
-    def highest(self) -> int:
-        """The highest counter accepted so far, -1 before the first."""
-        return self._highest
+        # The highest counter accepted so far, -1 before the first (counter 0 is valid).
+        # A plain attribute, read on the fast path; only update() writes it.
+        self.highest = -1
+        self._words = [0] * _WORDS
 
     def check(self, counter: int) -> bool:
         """Would `counter` be accepted? Does not change the window."""
-        diff = self._highest - counter
-        if diff < 0:
-            return True  # above everything seen (and so >= 0)
-        if diff >= WINDOW_SIZE or counter < 0:
+        if counter > self.highest:
+            return True
+        if self.highest - counter >= WINDOW_SIZE or counter < 0:
             return False
-        return not (self._bits >> diff) & 1
+        return not (self._words[(counter >> 6) % _WORDS] >> (counter & 63)) & 1
 
     def update(self, counter: int) -> None:
         """Record `counter` as seen. Call only after `check` and AEAD authentication."""
-        diff = counter - self._highest
-        if diff > 0:
-            if diff >= WINDOW_SIZE:
-                self._bits = 1
-            else:
-                self._bits = ((self._bits << diff) | 1) & _MASK
-            self._highest = counter
-        elif -diff < WINDOW_SIZE:
-            self._bits |= 1 << -diff
+        block = counter >> 6
+        highest = self.highest
+        if counter > highest:
+            top = highest >> 6  # -1 >> 6 == -1: before the first packet
+            if block != top:  # entering new words: forget what they held
+                if block - top >= _WORDS:
+                    self._words = [0] * _WORDS
+                else:
+                    words = self._words
+                    for b in range(top + 1, block + 1):
+                        words[b % _WORDS] = 0
+            self.highest = counter
+        elif highest - counter >= WINDOW_SIZE:
+            return  # too old to record (check() refused it already)
+        self._words[block % _WORDS] |= 1 << (counter & 63)
 
     def accept(self, counter: int) -> bool:
         """`check` and `update` in one step (for callers that already authenticated)."""
@@ -60,8 +65,8 @@ class ReplayWindow:
         return True
 
     def reset(self) -> None:
-        self._highest = -1
-        self._bits = 0
+        self.highest = -1
+        self._words = [0] * _WORDS
 
     def __repr__(self) -> str:
-        return f"ReplayWindow(highest={self._highest})"
+        return f"ReplayWindow(highest={self.highest})"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import socket
 import ssl
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -340,6 +341,30 @@ def test_connect_timeout_when_nobody_answers(pki: Pki) -> None:
                     connect_timeout=0.3,
                     **pki.cert("mn1"),
                 )
+
+    run(main())
+
+
+def test_cancelled_connect_leaves_no_socket(pki: Pki) -> None:
+    def open_fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    async def main() -> None:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
+            silent.bind(("127.0.0.1", 0))
+            before = open_fds()
+            attempt = connect_control(
+                "127.0.0.1",
+                silent.getsockname()[1],
+                server_name="dc1.ntm.example.com",
+                ca=pki.ca,
+                handler=echo,
+                **pki.cert("mn1"),
+            )
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(attempt, 0.2)  # the caller's own timeout cancels it
+            await asyncio.sleep(0)  # let the transport finish closing
+            assert open_fds() == before
 
     run(main())
 

@@ -31,7 +31,11 @@ RESP = TunnelResponse(timestamp=REQ.timestamp, responder_vip="100.64.0.3")
 
 
 def contexts(
-    si: StaticKey, sr: StaticKey, *, i_thinks_r: bytes | None = None, r_thinks_i: bytes | None = None
+    si: StaticKey,
+    sr: StaticKey,
+    *,
+    i_thinks_r: bytes | None = None,
+    r_thinks_i: bytes | None = None,
 ) -> tuple[HandshakeContext, HandshakeContext]:
     init = HandshakeContext(si, i_thinks_r or sr.public_bytes(), PID, initiator=True)
     resp = HandshakeContext(sr, r_thinks_i or si.public_bytes(), PID, initiator=False)
