@@ -25,7 +25,7 @@ from ntm_proto.messages import (
     RouteDirection,
     RouteDirectionAck,
 )
-from ntm_proto.path import PathState
+from ntm_proto.path import PathState, TunnelPath
 
 from .config import NodeConfig
 from .dc_client import DcClient, DirectionError
@@ -33,6 +33,9 @@ from .dns_server import StubResolver
 from .engine import PathError, TunnelEngine
 
 log = logging.getLogger("ntm.node")
+
+REFRESH_ATTEMPTS = 3
+REFRESH_WAIT = 10.0  # for a registration to come back after a move
 
 
 def load_or_create_key(path: str) -> StaticKey:
@@ -138,44 +141,58 @@ class NodeDaemon:
     async def directions(self, fqdn: str) -> str:
         """Called by the stub resolver for a marked name: the peer's vIP once the tunnel is up."""
         existing = self.engine.path_for_fqdn(fqdn)
-        if existing is not None and existing.state is PathState.ESTABLISHED:
+        if existing is not None and self._usable(existing):
             rd = self.engine.route_direction(existing.path_id)
             if rd is not None:
                 return rd.peer_vip
         try:
-            rd = await self.dc.request_direction(fqdn)
-        except DirectionError as exc:
-            log.warning("no directions for %s: %s", fqdn, exc)
+            return await self._build_path(fqdn)
+        except (TimeoutError, DirectionError, PathError) as exc:
+            log.warning("no tunnel to %s: %s", fqdn, exc or "timeout")
             raise
-        self.engine.add_path(rd)
-        try:
-            await self.engine.wait_established(rd.path_id, self.config.dns.direction_timeout)
-        except (TimeoutError, PathError) as exc:
-            log.warning("tunnel to %s not established: %s", fqdn, exc or "timeout")
-            raise
-        return rd.peer_vip
 
-    async def _refresh_paths(self) -> None:
-        """After a move, ask again for every tunnel we initiated: the route may change."""
-        for path in list(self.engine.endpoint.paths):
-            rd = self.engine.route_direction(path.path_id)
-            if rd is None or rd.role is not PathRole.INITIATOR:
-                continue
-            with contextlib.suppress(DirectionError, PathError, asyncio.TimeoutError):
-                await self.directions_fresh(rd.peer_fqdn)
+    def _usable(self, path: TunnelPath) -> bool:
+        """Established, and we still have an address of the family its peer uses."""
+        if path.state is not PathState.ESTABLISHED or path.peer_address is None:
+            return False
+        v6 = ":" in path.peer_address[0]
+        return bool(self.addresses.ipv6 if v6 else self.addresses.ipv4)
 
-    async def directions_fresh(self, fqdn: str) -> str:
+    async def _build_path(self, fqdn: str) -> str:
         rd = await self.dc.request_direction(fqdn)
         self.engine.add_path(rd)
         await self.engine.wait_established(rd.path_id, self.config.dns.direction_timeout)
         return rd.peer_vip
 
+    async def _refresh_paths(self) -> None:
+        """After a move, ask again for every tunnel we initiated: the route may change
+        (new family, new NAT). A registration superseded mid-way is simply retried."""
+        peers = {
+            rd.peer_fqdn
+            for path in self.engine.endpoint.paths
+            if (rd := self.engine.route_direction(path.path_id)) is not None
+            and rd.role is PathRole.INITIATOR
+        }
+        for fqdn in sorted(peers):
+            for _attempt in range(REFRESH_ATTEMPTS):
+                try:
+                    await asyncio.wait_for(self.dc.registered.wait(), REFRESH_WAIT)
+                    await self._build_path(fqdn)
+                    break
+                except (TimeoutError, DirectionError, PathError) as exc:
+                    log.info("refreshing the tunnel to %s: %s; retrying", fqdn, exc or "timeout")
+
     def _addresses_changed(self, addresses: AddressSet) -> None:
         log.info("addresses now v4=%s v6=%s", list(addresses.ipv4), list(addresses.ipv6))
         self.addresses = addresses
+        if not addresses.all:
+            return  # between networks: nothing to register from yet
         self._moved = True
-        self.engine.local_address_changed()
         self.dc.addresses_changed()
+        try:
+            self.engine.local_address_changed()
+        except Exception:
+            log.exception("telling the tunnels about the new address failed")
 
     def status(self) -> dict[str, Any]:
         reg = self.dc.registration

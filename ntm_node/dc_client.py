@@ -30,6 +30,7 @@ log = logging.getLogger("ntm.dc_client")
 
 REQUEST_TIMEOUT = 5.0
 RETRY_MIN, RETRY_MAX = 0.2, 5.0
+CLOSE_BOUND = 1.0
 
 PushHandler = Callable[[RouteDirection], Awaitable[Message]]
 
@@ -74,9 +75,13 @@ class DcClient:
                 await self._connect_and_register()
                 delay = RETRY_MIN
                 await self._stay_registered()
-            except (TimeoutError, ControlError, OSError, DecodeError) as exc:
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # whatever went wrong, the node stays up and retries
                 self.last_error = str(exc) or type(exc).__name__
                 self._count("dc_errors")
+                if not isinstance(exc, (ControlError, OSError, DecodeError, TimeoutError)):
+                    log.exception("unexpected error talking to the DC")
                 log.warning(
                     "DC %s: %s; retrying in %.1fs",
                     self.config.dc_server_name,
@@ -91,6 +96,7 @@ class DcClient:
 
     def addresses_changed(self) -> None:
         """Our addresses changed: register again (on a fresh connection if ours is stale)."""
+        log.debug("addresses changed: waking the DC client")
         self._wake.set()
 
     async def _connect_and_register(self) -> None:
@@ -156,12 +162,15 @@ class DcClient:
             closed = asyncio.ensure_future(self.conn.closed.wait())
             wake = asyncio.ensure_future(self._wake.wait())
             try:
-                done, _ = await asyncio.wait({closed, wake}, timeout=refresh)
+                done, _ = await asyncio.wait(
+                    {closed, wake}, timeout=refresh, return_when=asyncio.FIRST_COMPLETED
+                )
             finally:
                 closed.cancel()
                 wake.cancel()
             if closed in done:
                 raise ControlError("the DC closed the control connection")
+            log.debug("stay_registered woke: closed=%s wake=%s", closed in done, wake in done)
             if wake in done:
                 # A move: the old connection's source address may be gone; start afresh
                 # so the DC sees where we are now.
@@ -171,10 +180,14 @@ class DcClient:
 
     async def _drop_connection(self) -> None:
         self.registered.clear()
-        if self.conn is not None:
-            with contextlib.suppress(Exception):
-                await self.conn.close()
-        self.conn = None
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            # After a move the old path may be dead: never let a polite close hold us up.
+            try:
+                await asyncio.wait_for(conn.close(), CLOSE_BOUND)
+            except Exception as exc:
+                log.debug("closing the old control connection: %r", exc)
+                conn.abort()
 
     async def _handle_push(self, conn: ControlConnection, payload: bytes) -> bytes:
         try:

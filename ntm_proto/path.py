@@ -19,10 +19,13 @@ fresh ephemeral key and timestamp after `handshake_retry`, doubling up to
 `handshake_timeout`, and gives up (HandshakeFailed("timeout"), CLOSED) `handshake_timeout`
 seconds after `connect`. As soon as it holds the new keys it sends a Keepalive under them,
 because the responder may not use keys the initiator has not proved it has (key
-confirmation, as in WireGuard). The responder keeps no state for an INIT that does not
-authenticate, refuses an INIT whose timestamp is not above the largest it accepted on this
-path (replay), answers with a RESP of the same size as the INIT (no amplification) and
-holds the new keys as "next" until a packet under them arrives.
+confirmation, as in WireGuard); it repeats that Keepalive every `handshake_retry` until a
+packet from the responder under the new key arrives (at most `handshake_timeout`). The
+responder keeps no state for an INIT that does not authenticate, refuses an INIT whose
+timestamp is not above the largest it accepted on this path (replay), answers with a RESP
+of the same size as the INIT (no amplification), holds the new keys as "next" until a
+packet under them arrives, then switches and answers with one Keepalive of its own. An
+authenticated INIT for the epoch after "next" also proves the initiator switched.
 
 Rekey. The initiator starts a handshake for epoch+1 when its current key has sent
 `rekey_after_packets`, or when it has received a packet numbered `rekey_after_packets`
@@ -71,7 +74,6 @@ from .crypto import (
 )
 from .errors import (
     DecodeError,
-    FieldError,
     LengthError,
     LocalProtocolError,
     RemoteProtocolError,
@@ -433,7 +435,7 @@ class TunnelPath:
             if data[4:12] != self.path_id:
                 raise WrongPath("packet for another path")
             ptype = data[0]
-            if ptype != _DATA and ptype != _CONTROL:  # noqa: PLR1714 (cheaper than `in`)
+            if ptype != _DATA and ptype != _CONTROL:
                 return self._receive_handshake(ptype, data, addr, now)
             if n < TUNNEL_OVERHEAD + (ptype == _DATA) or data[2] or data[3]:
                 parse(data)  # raises the precise DecodeError

@@ -719,3 +719,67 @@ def _hostile_paths() -> list[TunnelPath]:
 
 
 _HOSTILE_PATHS = _hostile_paths()
+
+
+# --- more control-plane cases -------------------------------------------------------------
+
+
+def test_responder_roams_too() -> None:
+    sim, a, b, pi, pr = established()
+    new_addr: Endpoint = ("2001:db8:100::30", 7400)
+    b.addr = new_addr
+    pr.set_local_address_changed(sim.now, sim.wall)
+    sim.run(0.1)
+    assert pi.peer_address == new_addr
+    assert a.of_type(PeerAddressChanged) == [PeerAddressChanged(R_ADDR, new_addr)]
+
+
+def test_probe_is_answered_and_stale_ack_counted() -> None:
+    sim, a, b, pi, pr = established()
+    seqs = [pi.send_probe(sim.now) for _ in range(70)]  # more than are remembered
+    sim.run(0.1)
+    results = a.of_type(ProbeResult)
+    assert len(results) == 64
+    assert pi.counters["drop_stale_probe_ack"] == 6
+    assert seqs[-1] == 69
+    assert pr.send_probe(sim.now) == 0  # the responder can probe as well
+    sim.run(0.1)
+    assert len(b.of_type(ProbeResult)) == 1
+
+
+def test_handshake_message_inside_control_is_unexpected() -> None:
+    from ntm_proto.messages import TunnelRequest, encode
+
+    sim, _a, _b, pi, pr = established()
+    s = pi._current
+    assert s is not None
+    bogus = s.send.seal(encode(TunnelRequest(timestamp=1, initiator_vip=I_VIP)), control=True)
+    with pytest.raises(UnexpectedPacket):
+        pr.receive_datagram(bogus, I_ADDR, sim.now, sim.wall)
+    assert pr.counters["drop_unexpected"] == 1
+
+
+def test_initiator_claiming_another_vip_is_refused() -> None:
+    from ntm_proto.path import PeerMismatch
+
+    ci, cr = make_configs()
+    ci = dataclasses.replace(ci, local_vip="100.64.0.99")
+    pi, pr = TunnelPath(ci, 0.0), TunnelPath(cr, 0.0)
+    pi.connect(0.0, WALL0)
+    (init, _), *_ = pi.datagrams_to_send(0.0)
+    with pytest.raises(PeerMismatch):
+        pr.receive_datagram(init, I_ADDR, 0.0, WALL0)
+    assert pr.state is PathState.NEW and pr.datagrams_to_send(0.0) == []
+
+
+def test_timestamp_grows_even_if_wall_clock_steps_back() -> None:
+    ci, cr = make_configs()
+    pi, pr = TunnelPath(ci, 0.0), TunnelPath(cr, 0.0)
+    pi.connect(0.0, WALL0)
+    first = pi.datagrams_to_send(0.0)[0][0]
+    pi.handle_timer(1.0, WALL0 - 10**9)  # retry with a clock that went backwards
+    second = pi.datagrams_to_send(1.0)[0][0]
+    assert pr.receive_datagram(first, I_ADDR, 1.0, WALL0) is None
+    assert pr.receive_datagram(second, I_ADDR, 1.0, WALL0) is None  # accepted: newer
+    assert pr.counters.get("drop_handshake_replayed", 0) == 0
+    assert len(pr.datagrams_to_send(1.0)) == 2
