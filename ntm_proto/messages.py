@@ -491,6 +491,7 @@ class UnexpectedMessage(DecodeError):
         super().__init__(f"expected {expected.__name__}, got {type(msg).__name__}")
         self.message = msg
 
+
 __all__ = [
     "VERSION",
     "DecodeError",

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -93,9 +94,7 @@ def test_plain_name_passes_through_untouched(ready: Any) -> None:
     before_mn = status(lab, "mn1")["counters"]["dns"].get("intercepted", 0)
     assert "server=plainweb" in curl(lab, "http://plain.example.com/").stdout
     got = dns_answers(lab, "mn1", "plain.example.com", "A", "127.0.0.1", "198.51.100.11")
-    assert got["127.0.0.1"] == got["198.51.100.11"] == [
-        ("plain.example.com.", 1, "198.51.100.40")
-    ]
+    assert got["127.0.0.1"] == got["198.51.100.11"] == [("plain.example.com.", 1, "198.51.100.40")]
     assert status(lab, "dc1")["counters"].get("directions", 0) == before_dc
     assert status(lab, "mn1")["counters"]["dns"].get("intercepted", 0) == before_mn
 
@@ -106,8 +105,21 @@ def test_internet_sees_only_tunnel_udp(ready: Any) -> None:
     cap = subprocess.Popen(
         # --immediate-mode: hand every packet over at once, so nothing is lost at SIGTERM.
         # Port 4433 is the QUIC control plane, itself encrypted.
-        ["ip", "netns", "exec", f"{lab.name}-cn2", "tcpdump", "-i", "internet", "-U", "-n",
-         "--immediate-mode", "-w", pcap, "(tcp or udp) and not port 4433"],
+        [
+            "ip",
+            "netns",
+            "exec",
+            f"{lab.name}-cn2",
+            "tcpdump",
+            "-i",
+            "internet",
+            "-U",
+            "-n",
+            "--immediate-mode",
+            "-w",
+            pcap,
+            "(tcp or udp) and not port 4433",
+        ],
         stderr=subprocess.PIPE,
         text=True,
     )
@@ -120,7 +132,7 @@ def test_internet_sees_only_tunnel_udp(ready: Any) -> None:
     finally:
         cap.terminate()
         cap.wait(timeout=10)
-    raw = open(pcap, "rb").read()
+    raw = Path(pcap).read_bytes()
     assert b"server=cn2" not in raw and b"GET /" not in raw  # no plaintext on the wire
     text = subprocess.run(
         ["tcpdump", "-n", "-r", pcap], capture_output=True, text=True, check=True
@@ -136,7 +148,10 @@ def test_move_and_back_keeps_vip(ready: Any) -> None:
     lab.move("mn1", "access-b")
     try:
         wait_for(
-            lambda: (s := status(lab, "mn1"))["registered"] and s["seen_by_dc"][0].startswith("2001:db8:b:"),
+            lambda: (
+                (s := status(lab, "mn1"))["registered"]
+                and s["seen_by_dc"][0].startswith("2001:db8:b:")
+            ),
             what="mn1 re-registered from access-b",
         )
         assert status(lab, "mn1")["vip"] == vip

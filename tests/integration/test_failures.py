@@ -56,5 +56,7 @@ def test_dc_unreachable_falls_back_to_the_plain_answer(lab: Any) -> None:
         lab.start("dc1")
     wait_for(lambda: status(lab, "mn1")["registered"], timeout=30, what="mn1 back with its DC")
     vip = status(lab, "mn1")["vip"]
-    page = wait_for(lambda: curl(lab, "http://global.example.com/", check=False).stdout, what="tunnel")
+    page = wait_for(
+        lambda: curl(lab, "http://global.example.com/", check=False).stdout, what="tunnel"
+    )
     assert f"client={vip}" in page

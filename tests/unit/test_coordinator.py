@@ -58,7 +58,9 @@ def test_registration_outside_zone_and_wrong_role_refused() -> None:
     c = make()
     a = reg(c, "x.ntm.example.net", "h", (), ("198.51.100.2", 1))
     assert isinstance(a, ErrorMessage) and "zone" in a.reason
-    b = c.register(frozenset({MN}), "dc", RegistrationRequest(MN, bytes(32), 1, ()), ("1.2.3.4", 1), "h", 0)
+    b = c.register(
+        frozenset({MN}), "dc", RegistrationRequest(MN, bytes(32), 1, ()), ("1.2.3.4", 1), "h", 0
+    )
     assert isinstance(b, ErrorMessage) and b.code is ErrorCode.NOT_AUTHORIZED
 
 
@@ -71,7 +73,9 @@ def test_direction_direct_from_nat_to_global() -> None:
     assert plan.kind is RouteKind.DIRECT
     assert plan.to_requester.role is PathRole.INITIATOR
     assert plan.to_responder.role is PathRole.RESPONDER
-    assert plan.to_requester.peer_endpoints == (("198.51.100.30", 7400),)  # IPv4 only: mn1 has no v6
+    assert plan.to_requester.peer_endpoints == (
+        ("198.51.100.30", 7400),
+    )  # IPv4 only: mn1 has no v6
     assert plan.to_requester.path_id == plan.to_responder.path_id
     assert plan.to_responder.peer_vip == c.registry.lookup(MN).vip  # type: ignore[union-attr]
 

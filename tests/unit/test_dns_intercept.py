@@ -34,8 +34,9 @@ from ntm_proto.marker import MarkerRule
 RULE = MarkerRule()
 
 
-def query(name: str = "www.example.com", qtype: str = "A", ident: int = 4242,
-          edns: bool = False) -> DNSRecord:
+def query(
+    name: str = "www.example.com", qtype: str = "A", ident: int = 4242, edns: bool = False
+) -> DNSRecord:
     q = DNSRecord.question(name, qtype)
     q.header.id = ident
     if edns:
@@ -66,8 +67,11 @@ def aaaa(owner: str, addr: str, ttl: int = 300) -> RR:
 
 def marked_response(qtype: str = "A", ident: int = 4242) -> tuple[DNSRecord, DNSRecord]:
     q = query(qtype=qtype, ident=ident)
-    extra = a("cn2.ntm.example.com", "198.51.100.30") if qtype == "A" else aaaa(
-        "cn2.ntm.example.com", "2001:db8:100::30")
+    extra = (
+        a("cn2.ntm.example.com", "198.51.100.30")
+        if qtype == "A"
+        else aaaa("cn2.ntm.example.com", "2001:db8:100::30")
+    )
     return q, response(q, cname("www.example.com", "cn2.ntm.example.com"), extra)
 
 
@@ -126,8 +130,9 @@ def test_match_rejects_wrong_id() -> None:
     assert isinstance(m, Rejected) and m.reason is RejectReason.WRONG_ID
 
 
-@pytest.mark.parametrize("other", [query("evil.example.com"), query(qtype="AAAA"),
-                                   query(qtype="A")])
+@pytest.mark.parametrize(
+    "other", [query("evil.example.com"), query(qtype="AAAA"), query(qtype="A")]
+)
 def test_match_rejects_wrong_question(other: DNSRecord) -> None:
     if other.q.qtype == QTYPE.A and str(other.q.qname) == "www.example.com.":
         other.questions[0].qclass = 3  # CHAOS: same name and type, wrong class
@@ -155,9 +160,12 @@ def test_match_with_unparseable_records_is_incomplete() -> None:
 
 def test_find_marked_target_follows_chain() -> None:
     q = query()
-    r = response(q, cname("www.example.com", "alias.example.net"),
-                 cname("alias.example.net", "CN2.ntm.example.com"),
-                 a("cn2.ntm.example.com", "198.51.100.30"))
+    r = response(
+        q,
+        cname("www.example.com", "alias.example.net"),
+        cname("alias.example.net", "CN2.ntm.example.com"),
+        a("cn2.ntm.example.com", "198.51.100.30"),
+    )
     assert find_marked_target(r) == "cn2.ntm.example.com"
     assert find_marked_target(bytes(r.pack()), RULE) == "cn2.ntm.example.com"
     chain = cname_chain(r)
@@ -180,22 +188,27 @@ def test_unmarked_and_apex() -> None:
 
 def test_first_marked_name_wins() -> None:
     q = query()
-    r = response(q, cname("www.example.com", "a.ntm.example.com"),
-                 cname("a.ntm.example.com", "b.ntm.example.org"))
+    r = response(
+        q,
+        cname("www.example.com", "a.ntm.example.com"),
+        cname("a.ntm.example.com", "b.ntm.example.org"),
+    )
     assert find_marked_target(r) == "a.ntm.example.com"
 
 
 def test_unrelated_cname_is_not_followed() -> None:
     q = query()
-    r = response(q, cname("other.example.com", "cn2.ntm.example.com"),
-                 a("www.example.com", "192.0.2.1"))
+    r = response(
+        q, cname("other.example.com", "cn2.ntm.example.com"), a("www.example.com", "192.0.2.1")
+    )
     assert find_marked_target(r) is None
 
 
 def test_loop_is_guarded() -> None:
     q = query()
-    r = response(q, cname("www.example.com", "b.example.com"),
-                 cname("b.example.com", "www.example.com"))
+    r = response(
+        q, cname("www.example.com", "b.example.com"), cname("b.example.com", "www.example.com")
+    )
     chain = cname_chain(r)
     assert chain.broken
     assert find_marked_target(r) is None
@@ -216,8 +229,10 @@ def test_plan_interception() -> None:
     q, r = marked_response("AAAA")
     assert plan_interception(q, r, RULE) == Interception("cn2.ntm.example.com", QTYPE.AAAA)
     q = query(qtype="MX")
-    assert plan_interception(q, response(q, cname("www.example.com", "cn2.ntm.example.com")),
-                             RULE) is None
+    assert (
+        plan_interception(q, response(q, cname("www.example.com", "cn2.ntm.example.com")), RULE)
+        is None
+    )
     q = query()
     nx = response(q, cname("www.example.com", "cn2.ntm.example.com"), rcode=RCODE.NXDOMAIN)
     assert plan_interception(q, nx, RULE) is None
@@ -229,8 +244,9 @@ def test_plan_interception() -> None:
 def test_synthesize_a() -> None:
     q, r = marked_response("A")
     q.header.cd = 1
-    out = DNSRecord.parse(synthesize_answer(bytes(q.pack()), bytes(r.pack()),
-                                            "cn2.ntm.example.com", "100.64.0.7"))
+    out = DNSRecord.parse(
+        synthesize_answer(bytes(q.pack()), bytes(r.pack()), "cn2.ntm.example.com", "100.64.0.7")
+    )
     assert out.header.id == q.header.id and out.header.qr == 1
     assert out.header.rd == 1 and out.header.cd == 1 and out.header.ad == 0
     assert out.header.rcode == RCODE.NOERROR
@@ -251,12 +267,17 @@ def test_synthesize_aaaa_is_nodata_with_chain() -> None:
 
 def test_synthesize_keeps_chain_only_up_to_marked_name() -> None:
     q = query()
-    r = response(q, cname("www.example.com", "cn2.ntm.example.com"),
-                 cname("cn2.ntm.example.com", "elsewhere.example.org"),
-                 a("elsewhere.example.org", "192.0.2.9"))
+    r = response(
+        q,
+        cname("www.example.com", "cn2.ntm.example.com"),
+        cname("cn2.ntm.example.com", "elsewhere.example.org"),
+        a("elsewhere.example.org", "192.0.2.9"),
+    )
     out = DNSRecord.parse(synthesize_answer(q, r, "cn2.ntm.example.com", "100.64.0.7", ttl=2))
     assert [(QTYPE[rr.rtype], str(rr.rdata)) for rr in out.rr] == [
-        ("CNAME", "cn2.ntm.example.com."), ("A", "100.64.0.7")]
+        ("CNAME", "cn2.ntm.example.com."),
+        ("A", "100.64.0.7"),
+    ]
     assert out.rr[1].ttl == 2
 
 
@@ -265,8 +286,9 @@ def test_synthesize_echoes_edns() -> None:
     out = DNSRecord.parse(synthesize_answer(q, response(q), "cn2.ntm.example.com", "100.64.0.1"))
     assert any(rr.rtype == QTYPE.OPT for rr in out.ar)
     plain = query("cn2.ntm.example.com")
-    out = DNSRecord.parse(synthesize_answer(plain, response(plain), "cn2.ntm.example.com",
-                                            "100.64.0.1"))
+    out = DNSRecord.parse(
+        synthesize_answer(plain, response(plain), "cn2.ntm.example.com", "100.64.0.1")
+    )
     assert not out.ar
     assert udp_payload_limit(q) == 4096 and udp_payload_limit(plain) == 512
 
@@ -277,8 +299,9 @@ def test_synthesize_truncates_to_max_size() -> None:
     recs.append(cname("n12.example.com", "a-rather-long-node-name.ntm.example.com"))
     r = response(q, *recs)
     big = synthesize_answer(q, r, "a-rather-long-node-name.ntm.example.com", "100.64.0.1")
-    small = synthesize_answer(q, r, "a-rather-long-node-name.ntm.example.com", "100.64.0.1",
-                              max_size=100)
+    small = synthesize_answer(
+        q, r, "a-rather-long-node-name.ntm.example.com", "100.64.0.1", max_size=100
+    )
     assert len(big) > 100 >= len(small)
     s = DNSRecord.parse(small)
     assert s.header.tc == 1 and s.questions == q.questions and not s.rr
@@ -286,10 +309,12 @@ def test_synthesize_truncates_to_max_size() -> None:
 
 @pytest.mark.parametrize(
     ("qtype", "target", "vip"),
-    [("MX", "cn2.ntm.example.com", "100.64.0.1"),
-     ("A", "other.ntm.example.com", "100.64.0.1"),
-     ("A", "cn2.ntm.example.com", "2001:db8::1"),
-     ("A", "cn2.ntm.example.com", "not-an-ip")],
+    [
+        ("MX", "cn2.ntm.example.com", "100.64.0.1"),
+        ("A", "other.ntm.example.com", "100.64.0.1"),
+        ("A", "cn2.ntm.example.com", "2001:db8::1"),
+        ("A", "cn2.ntm.example.com", "not-an-ip"),
+    ],
 )
 def test_synthesize_misuse_raises_value_error(qtype: str, target: str, vip: str) -> None:
     q = query(qtype=qtype)
@@ -340,8 +365,10 @@ def _valid_response_bytes() -> bytes:
 
 
 @settings(max_examples=600)
-@given(st.lists(st.tuples(st.integers(0, 200), st.integers(0, 255)), min_size=1, max_size=8),
-       st.integers(0, 120))
+@given(
+    st.lists(st.tuples(st.integers(0, 200), st.integers(0, 255)), min_size=1, max_size=8),
+    st.integers(0, 120),
+)
 def test_mutated_responses_raise_only_the_typed_error(
     flips: list[tuple[int, int]], cut: int
 ) -> None:
@@ -359,8 +386,7 @@ def test_mutated_responses_raise_only_the_typed_error(
     if isinstance(verdict, Matched) and verdict.complete and target is not None:
         plan = plan_interception(q, verdict.response, RULE)
         if plan is not None:
-            out = DNSRecord.parse(synthesize_answer(q, verdict.response, plan.target,
-                                                    "100.64.1.2"))
+            out = DNSRecord.parse(synthesize_answer(q, verdict.response, plan.target, "100.64.1.2"))
             assert out.header.id == q.header.id and out.questions == q.questions
 
 
@@ -377,7 +403,12 @@ _label = st.from_regex(r"[a-z0-9-]{1,15}", fullmatch=True)
     edns=st.booleans(),
 )
 def test_synthesized_answers_parse_and_keep_id_and_question(
-    ident: int, owner: list[str], hops: list[list[str]], node: str, vip: int, qtype: str,
+    ident: int,
+    owner: list[str],
+    hops: list[list[str]],
+    node: str,
+    vip: int,
+    qtype: str,
     edns: bool,
 ) -> None:
     qname = ".".join([*owner, "example"])

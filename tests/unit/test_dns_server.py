@@ -28,6 +28,7 @@ T = TypeVar("T")
 LOOP = "127.0.0.1"
 HANG_GUARD = 10.0  # only protects the suite from a hang; never a performance claim
 
+
 @pytest.fixture(autouse=True)
 def _no_asyncio_errors(caplog: pytest.LogCaptureFixture) -> Any:
     """Leaked tasks or unretrieved exceptions show up as asyncio ERROR logs: fail on them."""
@@ -95,8 +96,14 @@ class FakeServer:
             await self._tcp.wait_closed()
 
 
-def reply_to(data: bytes, *records: RR, rcode: int = RCODE.NOERROR, tc: bool = False,
-             ident: int | None = None, qname: str | None = None) -> bytes:
+def reply_to(
+    data: bytes,
+    *records: RR,
+    rcode: int = RCODE.NOERROR,
+    tc: bool = False,
+    ident: int | None = None,
+    qname: str | None = None,
+) -> bytes:
     q = DNSRecord.parse(data)
     r = q.reply()
     r.header.aa = 0
@@ -176,8 +183,14 @@ def question(name: str, qtype: str = "A", ident: int = 0x1234) -> bytes:
 class Directions:
     """A fake DC client: returns a vIP, raises, or hangs; counts calls."""
 
-    def __init__(self, vip: str = "100.64.0.7", *, fail: bool = False, hang: bool = False,
-                 gate: asyncio.Event | None = None) -> None:
+    def __init__(
+        self,
+        vip: str = "100.64.0.7",
+        *,
+        fail: bool = False,
+        hang: bool = False,
+        gate: asyncio.Event | None = None,
+    ) -> None:
         self.vip, self.fail, self.hang, self.gate = vip, fail, hang, gate
         self.calls: list[str] = []
 
@@ -200,13 +213,21 @@ async def with_stub(
     upstream_handler: Handler,
     directions: Callable[[str], Awaitable[str]],
     body: Callable[[StubResolver, FakeServer], Awaitable[None]],
-    *, direction_timeout: float = 2.0, upstream_timeout: float = 2.0,
+    *,
+    direction_timeout: float = 2.0,
+    upstream_timeout: float = 2.0,
     extra_upstreams: list[tuple[str, int]] | None = None,
 ) -> None:
     up = await FakeServer(upstream_handler).start()
     upstreams = [*(extra_upstreams or []), up.address]
-    stub = StubResolver((LOOP, 0), upstreams, MarkerRule(), directions,
-                        direction_timeout=direction_timeout, upstream_timeout=upstream_timeout)
+    stub = StubResolver(
+        (LOOP, 0),
+        upstreams,
+        MarkerRule(),
+        directions,
+        direction_timeout=direction_timeout,
+        upstream_timeout=upstream_timeout,
+    )
     await stub.start()
     try:
         await body(stub, up)
@@ -262,8 +283,13 @@ def test_all_upstreams_down_servfail_within_bound() -> None:
         holes = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2)]
         for s in holes:
             s.bind((LOOP, 0))
-        stub = StubResolver((LOOP, 0), [s.getsockname() for s in holes], MarkerRule(),
-                            Directions(), upstream_timeout=0.4)
+        stub = StubResolver(
+            (LOOP, 0),
+            [s.getsockname() for s in holes],
+            MarkerRule(),
+            Directions(),
+            upstream_timeout=0.4,
+        )
         await stub.start()
         try:
             data = question("plain.example.com", ident=99)
@@ -294,8 +320,13 @@ def test_next_upstream_after_refused_and_timeout() -> None:
         hole = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         hole.bind((LOOP, 0))
         try:
-            await with_stub(lab_upstream, Directions(), body, upstream_timeout=1.5,
-                            extra_upstreams=[dead, hole.getsockname()])
+            await with_stub(
+                lab_upstream,
+                Directions(),
+                body,
+                upstream_timeout=1.5,
+                extra_upstreams=[dead, hole.getsockname()],
+            )
         finally:
             hole.close()
 
@@ -313,7 +344,9 @@ def test_direction_success_answers_with_vip() -> None:
         reply = DNSRecord.parse(await udp_ask(addr_of(stub), data))
         assert reply.header.id == 321 and reply.questions == DNSRecord.parse(data).questions
         assert [(QTYPE[rr.rtype], str(rr.rdata)) for rr in reply.rr] == [
-            ("CNAME", "cn2.ntm.example.com."), ("A", "100.64.3.4")]
+            ("CNAME", "cn2.ntm.example.com."),
+            ("A", "100.64.3.4"),
+        ]
         assert reply.rr[1].ttl == 5
         assert stub.counters["intercepted"] == 1
 
@@ -332,8 +365,10 @@ def test_direction_timeout_falls_back_to_ordinary_answer(
 
     with caplog.at_level(logging.WARNING, logger="ntm.node.dns"):
         run(with_stub(lab_upstream, Directions(hang=True), body, direction_timeout=0.2))
-    assert any("cn2.ntm.example.com" in r.getMessage() and "no directions within" in
-               r.getMessage() for r in caplog.records)
+    assert any(
+        "cn2.ntm.example.com" in r.getMessage() and "no directions within" in r.getMessage()
+        for r in caplog.records
+    )
 
 
 def test_direction_failure_falls_back(caplog: pytest.LogCaptureFixture) -> None:
@@ -352,8 +387,7 @@ def test_direction_failure_falls_back(caplog: pytest.LogCaptureFixture) -> None:
 
 def test_aaaa_for_marked_name_is_nodata() -> None:
     async def body(stub: StubResolver, up: FakeServer) -> None:
-        reply = DNSRecord.parse(await udp_ask(addr_of(stub), question("www.example.com",
-                                                                      "AAAA")))
+        reply = DNSRecord.parse(await udp_ask(addr_of(stub), question("www.example.com", "AAAA")))
         assert reply.header.rcode == RCODE.NOERROR
         assert [QTYPE[rr.rtype] for rr in reply.rr] == ["CNAME"]
         assert stub.counters["intercepted"] == 1
@@ -381,16 +415,20 @@ def test_concurrent_questions_share_one_direction_call() -> None:
         d = Directions("100.64.9.9", gate=gate)
 
         async def body(stub: StubResolver, up: FakeServer) -> None:
-            asks = [asyncio.ensure_future(udp_ask(addr_of(stub), question("www.example.com",
-                                                                          t, ident=i)))
-                    for i, t in enumerate(["A", "A", "AAAA", "A"])]
+            asks = [
+                asyncio.ensure_future(
+                    udp_ask(addr_of(stub), question("www.example.com", t, ident=i))
+                )
+                for i, t in enumerate(["A", "A", "AAAA", "A"])
+            ]
             # Condition wait (not a readiness sleep): all four joined the call in flight.
             while stub.counters["direction_calls"] + stub.counters["direction_shared"] < 4:
                 await asyncio.sleep(0.005)
             gate.set()
             replies = [DNSRecord.parse(r) for r in await asyncio.gather(*asks)]
             assert [str(rr.rdata) for r in replies for rr in r.rr if rr.rtype == QTYPE.A] == [
-                "100.64.9.9"] * 3
+                "100.64.9.9"
+            ] * 3
             assert stub.counters["direction_calls"] == 1 and stub.counters["intercepted"] == 4
 
         await with_stub(lab_upstream, d, body)
@@ -427,8 +465,9 @@ def test_tcp_queries_pipelined_on_one_connection() -> None:
 def test_idle_tcp_connection_is_closed() -> None:
     async def main() -> None:
         up = await FakeServer(lab_upstream).start()
-        stub = StubResolver((LOOP, 0), [up.address], MarkerRule(), Directions(),
-                            tcp_idle_timeout=0.2)
+        stub = StubResolver(
+            (LOOP, 0), [up.address], MarkerRule(), Directions(), tcp_idle_timeout=0.2
+        )
         await stub.start()
         try:
             reader, writer = await asyncio.open_connection(*addr_of(stub))
@@ -469,8 +508,11 @@ def test_malformed_queries_never_crash() -> None:
         sock.setblocking(False)
         sock.connect(addr_of(stub))
         try:
-            for junk in (b"\x01", b"\xff" * 30, bytes(DNSRecord.question("x.example").reply()
-                                                        .pack())):
+            for junk in (
+                b"\x01",
+                b"\xff" * 30,
+                bytes(DNSRecord.question("x.example").reply().pack()),
+            ):
                 await loop.sock_sendall(sock, junk)
             # A header-only query: parseable enough for FORMERR with its id.
             await loop.sock_sendall(sock, struct.pack("!HHHHHH", 0xABCD, 0x0100, 0, 0, 0, 0))
@@ -500,8 +542,12 @@ class Lab:
         self.resolver: FakeServer | None = None
 
     async def start(self) -> Lab:
-        zone = NtmZone("ntm.example.com", "dc1.ntm.example.com", [LOOP],
-                       lambda n: list(self.registered.get(n, [])))
+        zone = NtmZone(
+            "ntm.example.com",
+            "dc1.ntm.example.com",
+            [LOOP],
+            lambda n: list(self.registered.get(n, [])),
+        )
         self.dc = await serve_zone(zone, LOOP, 0)
         self.resolver = await FakeServer(self._recursive).start()
         return self
@@ -512,8 +558,11 @@ class Lab:
         if name == "ntm.example.com" and q.q.qtype == QTYPE.NS:
             if not self.delegated:
                 return [reply_to(data)]
-            return [reply_to(data, RR("ntm.example.com", QTYPE.NS, ttl=60,
-                                      rdata=NS("dc1.ntm.example.com")))]
+            return [
+                reply_to(
+                    data, RR("ntm.example.com", QTYPE.NS, ttl=60, rdata=NS("dc1.ntm.example.com"))
+                )
+            ]
         if name == "dc1.ntm.example.com" and self.delegated:
             return [reply_to(data, *([a(name, LOOP)] if q.q.qtype == QTYPE.A else []))]
         chain: list[RR] = []
@@ -555,8 +604,9 @@ def check(name: str, registered: dict[str, list[str]] = REG, delegated: bool = T
     async def main() -> Any:
         lab = await Lab(registered, delegated).start()
         try:
-            return await check_name(name, lab.resolver_address, MarkerRule(),
-                                    dc_port=lab.dc_port, timeout=1.0)
+            return await check_name(
+                name, lab.resolver_address, MarkerRule(), dc_port=lab.dc_port, timeout=1.0
+            )
         finally:
             await lab.close()
 
@@ -591,8 +641,10 @@ def test_check_unregistered_node() -> None:
 def test_check_missing_delegation() -> None:
     rep = check("www.example.com", delegated=False)
     assert not rep.ok
-    assert any("ntm.example.com has no NS records" in p and "delegate it to your DC" in p
-               for p in rep.problems)
+    assert any(
+        "ntm.example.com has no NS records" in p and "delegate it to your DC" in p
+        for p in rep.problems
+    )
 
 
 def test_check_nonexistent_name() -> None:
@@ -620,8 +672,7 @@ class ThreadLab:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        self.lab = asyncio.run_coroutine_threadsafe(Lab(REG).start(), self.loop).result(
-            HANG_GUARD)
+        self.lab = asyncio.run_coroutine_threadsafe(Lab(REG).start(), self.loop).result(HANG_GUARD)
         return self.lab
 
     def __exit__(self, *exc: object) -> None:

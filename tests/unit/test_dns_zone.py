@@ -31,8 +31,9 @@ def make_zone() -> NtmZone:
     )
 
 
-def ask(zone: NtmZone, name: str, qtype: str = "A", *, udp: bool = True,
-        edns: int | None = None) -> DNSRecord:
+def ask(
+    zone: NtmZone, name: str, qtype: str = "A", *, udp: bool = True, edns: int | None = None
+) -> DNSRecord:
     q = DNSRecord.question(name, qtype)
     q.header.id = 999
     if edns is not None:
@@ -76,8 +77,11 @@ def test_registered_names() -> None:
 
 def test_nodata_for_missing_type() -> None:
     z = make_zone()
-    for name, qtype in [("v4only.ntm.example.com", "AAAA"), ("cn2.ntm.example.com", "MX"),
-                        ("ntm.example.com", "A")]:
+    for name, qtype in [
+        ("v4only.ntm.example.com", "AAAA"),
+        ("cn2.ntm.example.com", "MX"),
+        ("ntm.example.com", "A"),
+    ]:
         r = ask(z, name, qtype)
         assert r.header.rcode == RCODE.NOERROR and r.header.aa == 1 and not r.rr
         assert [QTYPE[rr.rtype] for rr in r.auth] == ["SOA"]
@@ -92,8 +96,9 @@ def test_nxdomain_with_soa() -> None:
     assert z.counters["nxdomain"] == 1
 
 
-@pytest.mark.parametrize("name", ["www.example.com", "example.com", "xntm.example.com",
-                                  "cn2.ntm.example.org"])
+@pytest.mark.parametrize(
+    "name", ["www.example.com", "example.com", "xntm.example.com", "cn2.ntm.example.org"]
+)
 def test_refused_outside_zone(name: str) -> None:
     z = make_zone()
     r = ask(z, name)

@@ -53,8 +53,18 @@ def test_normalize() -> None:
 
 @pytest.mark.parametrize(
     "bad",
-    ["", ".", "a..b", ".a.b", "a.b..", "a b.com", "a/b.com", "x" * 64 + ".com",
-     ".".join(["a" * 63] * 4) + ".com", "é.example.com"],
+    [
+        "",
+        ".",
+        "a..b",
+        ".a.b",
+        "a.b..",
+        "a b.com",
+        "a/b.com",
+        "x" * 64 + ".com",
+        ".".join(["a" * 63] * 4) + ".com",
+        "é.example.com",
+    ],
 )
 def test_normalize_rejects(bad: str) -> None:
     with pytest.raises(MarkerError):

@@ -59,7 +59,9 @@ TABLE = [
 
 
 @pytest.mark.parametrize("ifam,inat,rfam,rnat,kind", TABLE)
-def test_route_table(ifam: set[int], inat: bool, rfam: set[int], rnat: bool, kind: RouteKind) -> None:
+def test_route_table(
+    ifam: set[int], inat: bool, rfam: set[int], rnat: bool, kind: RouteKind
+) -> None:
     d = decide(end(ifam, inat, "203.0.113.1"), end(rfam, rnat, "203.0.113.2"))
     assert d.kind is kind
     if kind is RouteKind.DIRECT:
