@@ -33,14 +33,22 @@ class NodeRecord:
         return frozenset(ipaddress.ip_address(a).version for a in addrs)
 
     def public_endpoints(self) -> tuple[Endpoint, ...]:
-        """Where others can reach the node's tunnel port: its global addresses, plus the
-        address the DC saw when that one is global (a NAT's public side)."""
+        """Where others can reach the node's tunnel port.
+
+        Not behind NAT, the DC reached the node at one of the addresses it reported, so
+        those are reachable (global or not: a private network without NAT works too).
+        Behind NAT, only its global addresses and the NAT's public address count; the
+        latter is a hint, since the NAT's mapping for the tunnel port is unknown.
+        """
+        seen_ip = ipaddress.ip_address(self.seen[0])
         out: list[Endpoint] = []
         for addr, _ in self.reported:
-            if _is_global(addr):
+            ip = ipaddress.ip_address(addr)
+            if ip.is_link_local or (ip.is_loopback and not seen_ip.is_loopback):
+                continue
+            if not self.behind_nat or _is_global(addr):
                 out.append((addr, self.tunnel_port))
-        if _is_global(self.seen[0]) and not any(a == self.seen[0] for a, _ in out):
-            # Behind NAT the tunnel port's mapping is unknown: the NAT address is a hint only.
+        if self.behind_nat and _is_global(self.seen[0]):
             out.append((self.seen[0], self.tunnel_port))
         return tuple(out)
 

@@ -98,6 +98,9 @@ class Demo:
                 f" peer at {p['peer_address']}"
             )
 
+        self.say("What the internet sees: a capture on cn2's uplink during one more request")
+        self.capture_check()
+
         self.say("plain.example.com has no NTMobile mark: resolved and reached untouched")
         before = self.status("dc1").get("counters", {}).get("directions", 0)
         page = self.curl("http://plain.example.com/")
@@ -122,6 +125,11 @@ class Demo:
             self.check(moved["vip"] == mn1["vip"], f"same vIP {moved['vip']} after the move")
             page = self.wait(lambda: self.curl("http://global.example.com/"), "curl after move")
             self.check(f"client={mn1['vip']}" in (page or ""), "cn2 still sees the same vIP")
+            for p in self.status("mn1").get("paths", []):
+                print(
+                    f"   path {p['path_id']} to {p['peer_fqdn']}: {p['kind']}, {p['state']},"
+                    f" peer at {p['peer_address']}"
+                )
         self.say("And back to access-a")
         self.lab("move", "mn1", "--to", "access-a")
         back = self.wait(
@@ -135,6 +143,51 @@ class Demo:
         if back:
             page = self.wait(lambda: self.curl("http://global.example.com/"), "curl after return")
             self.check(f"client={mn1['vip']}" in (page or ""), "same vIP again")
+
+    def capture_check(self) -> None:
+        pcap = f"{self.state}/demo-cn2.pcap"
+        cap = subprocess.Popen(
+            [
+                "ip",
+                "netns",
+                "exec",
+                f"{self.name}-cn2",
+                "tcpdump",
+                "-i",
+                "internet",
+                "-n",
+                "-U",
+                "--immediate-mode",
+                "-w",
+                pcap,
+                "(tcp or udp) and not port 4433",
+            ],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert cap.stderr is not None
+            cap.stderr.readline()  # "listening on ..." once the capture runs
+            self.curl("http://global.example.com/")
+        finally:
+            cap.terminate()
+            cap.wait(timeout=10)
+        raw = Path(pcap).read_bytes()
+        lines = subprocess.run(
+            ["tcpdump", "-n", "-r", pcap], capture_output=True, text=True
+        ).stdout.splitlines()
+        for line in lines[:4]:
+            print(f"     {line}")
+        if len(lines) > 4:
+            print(f"     ... {len(lines) - 4} more")
+        tunnel = [ln for ln in lines if ".7400 > " in ln and ": UDP" in ln]
+        self.check(
+            bool(lines) and len(tunnel) == len(lines),
+            f"all {len(lines)} packets are tunnel UDP on port 7400",
+        )
+        self.check(
+            b"server=cn2" not in raw and b"GET /" not in raw, "no plaintext HTTP on the wire"
+        )
 
 
 def run(name: str, compose: str, state: Path) -> int:
