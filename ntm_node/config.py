@@ -16,6 +16,7 @@ class DnsConfig:
     upstreams: tuple[str, ...]
     direction_timeout: float
     upstream_timeout: float
+    redirect: bool  # catch port 53 transparently with nftables
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +76,7 @@ def load(path: str | Path) -> NodeConfig:
             upstreams=tuple(dns.ip_list("upstreams", [])),
             direction_timeout=dns.number("direction_timeout", 3.0, lo=0.1),
             upstream_timeout=dns.number("upstream_timeout", 2.0, lo=0.1),
+            redirect=dns.flag("redirect", False),
         ),
     )
     for s in (node, dc, dns, tls):
@@ -84,6 +86,11 @@ def load(path: str | Path) -> NodeConfig:
     if cfg.dns.enabled and not cfg.dns.upstreams:
         raise ConfigError(
             "[dns] upstreams is empty; list your recursive resolver(s), or set enabled = false"
+        )
+    if cfg.dns.redirect and not cfg.dns.listen[0].startswith("127."):
+        raise ConfigError(
+            '[dns] redirect = true needs the stub on a 127.x address (listen = "127.0.0.1:53"): '
+            "the nftables redirect delivers to the loopback address"
         )
     for what, file in (("ca", cfg.ca), ("cert", cfg.cert), ("key", cfg.key)):
         if not Path(file).is_file():

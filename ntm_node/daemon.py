@@ -27,6 +27,7 @@ from ntm_proto.messages import (
 )
 from ntm_proto.path import PathState, TunnelPath
 
+from . import dns_redirect, dns_server
 from .config import NodeConfig
 from .dc_client import DcClient, DirectionError
 from .dns_server import StubResolver
@@ -95,6 +96,12 @@ class NodeDaemon:
                 upstream_timeout=cfg.dns.upstream_timeout,
             )
             await self.resolver.start()
+            if cfg.dns.redirect:
+                dns_server.UPSTREAM_MARK = dns_redirect.MARK
+                dns_redirect.install(cfg.name, cfg.dns.listen[1])
+                log.info(
+                    "catching port 53 with nftables (table %s)", dns_redirect.table_name(cfg.name)
+                )
         self._closers.append(await serve_status(cfg.status_socket, self.status))
         log.info("node %s (%s) started; tunnel port %d", cfg.name, cfg.fqdn, cfg.tunnel_port)
 
@@ -103,6 +110,8 @@ class NodeDaemon:
             task.cancel()
         if self.resolver is not None:
             await self.resolver.close()
+            if self.config.dns.redirect:
+                dns_redirect.remove(self.config.name)
         if self.watcher is not None:
             self.watcher.close()
         for closer in self._closers:

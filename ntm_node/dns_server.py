@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -100,6 +101,21 @@ class _UdpClientProtocol(asyncio.DatagramProtocol):
                 self.error.set_exception(exc)
 
 
+# Set by the node when it catches port 53 with nftables: its own upstream queries carry this
+# firewall mark so the redirect rule lets them pass instead of looping them back to us.
+UPSTREAM_MARK: int | None = None
+
+
+def _marked_socket(server: Address, kind: socket.SocketKind) -> socket.socket | None:
+    if UPSTREAM_MARK is None:
+        return None
+    family = socket.AF_INET6 if ":" in server[0] else socket.AF_INET
+    sock = socket.socket(family, kind)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, UPSTREAM_MARK)
+    sock.setblocking(False)
+    return sock
+
+
 async def udp_exchange(
     data: bytes,
     query: DNSRecord,
@@ -114,7 +130,14 @@ async def udp_exchange(
     """
     loop = asyncio.get_running_loop()
     get: asyncio.Future[bytes] | None = None
-    transport, proto = await loop.create_datagram_endpoint(_UdpClientProtocol, remote_addr=server)
+    sock = _marked_socket(server, socket.SOCK_DGRAM)
+    if sock is not None:
+        sock.connect(server)
+        transport, proto = await loop.create_datagram_endpoint(_UdpClientProtocol, sock=sock)
+    else:
+        transport, proto = await loop.create_datagram_endpoint(
+            _UdpClientProtocol, remote_addr=server
+        )
     try:
         async with asyncio.timeout(timeout):
             transport.sendto(data)
@@ -148,7 +171,16 @@ async def tcp_exchange(
 ) -> tuple[bytes, Matched]:
     """Send ``data`` with 2-byte length framing over a fresh TCP connection; first match wins."""
     async with asyncio.timeout(timeout):
-        reader, writer = await asyncio.open_connection(server[0], server[1])
+        sock = _marked_socket(server, socket.SOCK_STREAM)
+        if sock is not None:
+            try:
+                await asyncio.get_running_loop().sock_connect(sock, server)
+            except BaseException:
+                sock.close()
+                raise
+            reader, writer = await asyncio.open_connection(sock=sock)
+        else:
+            reader, writer = await asyncio.open_connection(server[0], server[1])
         try:
             writer.write(len(data).to_bytes(2, "big") + data)
             await writer.drain()

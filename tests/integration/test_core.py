@@ -99,6 +99,16 @@ def test_plain_name_passes_through_untouched(ready: Any) -> None:
     assert status(lab, "mn1")["counters"]["dns"].get("intercepted", 0) == before_mn
 
 
+def test_port_53_is_caught_transparently(ready: Any) -> None:
+    """An application that asks the resolver directly still gets the vIP (nftables redirect)."""
+    lab = ready
+    cn2_vip = status(lab, "cn2")["vip"]
+    got = dns_answers(lab, "mn1", "global.example.com", "A", "198.51.100.11")["198.51.100.11"]
+    assert ("cn2.ntm.example.com.", 1, cn2_vip) in got
+    table = lab.exec("mn1", "nft", "list", "table", "ip", "ntm_dns_mn1").stdout
+    assert "redirect to :53" in table
+
+
 def test_internet_sees_only_tunnel_udp(ready: Any) -> None:
     lab = ready
     pcap = f"{lab.state}/cn2-internet.pcap"
