@@ -180,3 +180,27 @@ def test_move_and_back_keeps_vip(ready: Any) -> None:
         lambda: curl(lab, "http://global.example.com/", check=False).stdout, what="curl via v4"
     )
     assert f"client={vip}" in page
+
+
+def test_dns_check_explains_a_name(ready: Any) -> None:
+    lab = ready
+    out = lab.exec(
+        "plainweb",
+        "ntm",
+        "dns",
+        "check",
+        "global.example.com",
+        "--resolver",
+        "198.51.100.11",
+        "--json",
+    ).stdout
+    report = json.loads(out)
+    assert report["ok"] is True, out
+    text = lab.exec(
+        "plainweb", "ntm", "dns", "check", "global.example.com", "--resolver", "198.51.100.11"
+    ).stdout
+    assert "cn2.ntm.example.com" in text and "dc1.ntm.example.com" in text
+    plain = lab.exec(
+        "plainweb", "ntm", "dns", "check", "plain.example.com", "--resolver", "198.51.100.11"
+    ).stdout
+    assert "pass" in plain.lower()

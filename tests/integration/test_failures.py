@@ -60,3 +60,30 @@ def test_dc_unreachable_falls_back_to_the_plain_answer(lab: Any) -> None:
         lambda: curl(lab, "http://global.example.com/", check=False).stdout, what="tunnel"
     )
     assert f"client={vip}" in page
+
+
+def test_upstream_dns_down_gives_servfail_in_bounded_time(lab: Any) -> None:
+    wait_for(lambda: status(lab, "mn1")["registered"], what="mn1 registered")
+    lab.kill("resolver")
+    try:
+        started = time.monotonic()
+        probe = lab.exec(
+            "mn1",
+            "ntm",
+            "lab",
+            "dnsprobe",
+            "--server",
+            "127.0.0.1",
+            "--timeout",
+            "10",
+            "nothing-cached.example.com",
+            check=False,
+        )
+        elapsed = time.monotonic() - started
+        assert probe.returncode != 0
+        assert "SERVFAIL" in probe.stderr, probe.stderr
+        assert elapsed < 2.0 + 3.0  # upstream_timeout in mn1.toml, plus process start-up
+        assert status(lab, "mn1")["counters"]["dns"].get("servfail", 0) >= 1
+    finally:
+        lab.start("resolver")
+    assert "server=plainweb" in curl(lab, "http://plain.example.com/").stdout
