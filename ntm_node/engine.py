@@ -138,7 +138,7 @@ class TunnelEngine:
             peer_endpoints=self._usable(rd.peer_endpoints),
             keepalive_interval=self.keepalive_interval,
         )
-        path = self.endpoint.add_path(config, now)
+        path = self.endpoint.add_path(config, now, wall)
         self._meta[rd.path_id] = rd
         self._peer_vip[rd.path_id] = ipaddress.IPv4Address(rd.peer_vip).packed
         if rd.role is PathRole.INITIATOR:

@@ -22,26 +22,45 @@ import ipaddress
 
 from .errors import LocalProtocolError, RemoteProtocolError
 from .messages import Endpoint
-from .packet import PREFIX_SIZE
+from .packet import HANDSHAKE_SIZE, PREFIX_SIZE, PacketType
 from .path import PathConfig, PathEvent, TunnelPath, error_reason
+
+# A handshake may overtake the Route Direction that announces its path: in a reverse path the
+# DC tells the initiator first, and its INIT can reach the requester before the requester has
+# the answer. Such INITs are held briefly and replayed when the path is added, instead of
+# costing a handshake retry. Bounded in count and age; only a delay if an attacker floods it.
+EARLY_MAX = 32
+EARLY_HOLD = 2.0
 
 
 class TunnelEndpoint:
     def __init__(self) -> None:
+        self._early: dict[bytes, tuple[bytes, Endpoint, float]] = {}
         self._paths: dict[bytes, TunnelPath] = {}
         self._by_vip: dict[str, TunnelPath] = {}
         self._drops: dict[str, int] = {}
         self._rx_datagrams = 0
+        self._early_replayed = 0
 
     # --- paths ---
 
-    def add_path(self, config: PathConfig, now: float) -> TunnelPath:
-        """Create the path a Route Direction describes; the newest path owns its peer vIP."""
+    def add_path(self, config: PathConfig, now: float, wall_ns: int | None = None) -> TunnelPath:
+        """Create the path a Route Direction describes; the newest path owns its peer vIP.
+
+        With `wall_ns`, a handshake INIT that arrived early for this path is replayed now.
+        """
         if config.path_id in self._paths:
             raise LocalProtocolError(f"path {config.path_id.hex()} already exists")
         path = TunnelPath(config, now)
         self._paths[config.path_id] = path
         self._by_vip[config.peer_vip] = path
+        early = self._early.pop(config.path_id, None)
+        if early is not None and wall_ns is not None and now - early[2] <= EARLY_HOLD:
+            self._early_replayed += 1
+            try:
+                path.receive_datagram(early[0], early[1], now, wall_ns)
+            except RemoteProtocolError as exc:
+                self._drop(error_reason(exc))
         return path
 
     def remove_path(self, path_id: bytes) -> TunnelPath | None:
@@ -79,7 +98,7 @@ class TunnelEndpoint:
     @property
     def counters(self) -> dict[str, int]:
         """Datagrams received and drop_<reason> over all paths (per-path: path.counters)."""
-        out = {"rx_datagrams": self._rx_datagrams}
+        out = {"rx_datagrams": self._rx_datagrams, "early_replayed": self._early_replayed}
         for reason, n in self._drops.items():
             out["drop_" + reason] = n
         return out
@@ -96,6 +115,8 @@ class TunnelEndpoint:
             return None
         path = self._paths.get(data[4:12])
         if path is None:
+            if data[0] == PacketType.HANDSHAKE_INIT and len(data) == HANDSHAKE_SIZE:
+                self._hold_early(data, addr, now)
             self._drop("unknown_path")
             return None
         try:
@@ -130,6 +151,12 @@ class TunnelEndpoint:
             while (event := path.next_event()) is not None:
                 out.append((path_id, event))
         return out
+
+    def _hold_early(self, data: bytes, addr: Endpoint, now: float) -> None:
+        for pid in [p for p, (_, _, t) in self._early.items() if now - t > EARLY_HOLD]:
+            del self._early[pid]
+        if len(self._early) < EARLY_MAX:
+            self._early[data[4:12]] = (data, addr, now)
 
     def _drop(self, reason: str) -> None:
         self._drops[reason] = self._drops.get(reason, 0) + 1

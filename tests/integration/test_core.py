@@ -204,3 +204,16 @@ def test_dns_check_explains_a_name(ready: Any) -> None:
         "plainweb", "ntm", "dns", "check", "plain.example.com", "--resolver", "198.51.100.11"
     ).stdout
     assert "pass" in plain.lower()
+
+
+def test_reverse_path_when_only_the_responder_is_behind_nat(ready: Any) -> None:
+    """cn2 (global) -> cn1 (behind nat-b): the DC directs cn1 to open the tunnel."""
+    lab = ready
+    wait_for(lambda: status(lab, "cn1")["registered"], what="cn1 registered")
+    cn2_vip = status(lab, "cn2")["vip"]
+    page = lab.exec("cn2", "curl", "-sS", "--max-time", "10", "http://peer.example.com/").stdout
+    assert f"server=cn1 client={cn2_vip}" in page
+    paths = [p for p in status(lab, "cn2")["paths"] if p["peer_fqdn"] == "cn1.ntm.example.com"]
+    assert paths and paths[-1]["kind"] == "reverse" and paths[-1]["role"] == "responder"
+    cn1_paths = status(lab, "cn1")["paths"]
+    assert any(p["kind"] == "reverse" and p["role"] == "initiator" for p in cn1_paths)
