@@ -57,11 +57,14 @@ PLAN = {
     "cn2": {"internet": ["198.51.100.30/24", "2001:db8:100::30/64"]},
     "plainweb": {"internet": ["198.51.100.40/24", "2001:db8:100::40/64"]},
     "mn1": {"access-a": ["10.10.1.100/24"]},
+    "nat-b": {"internet": ["198.51.100.4/24", "2001:db8:100::4/64"], "site-b": ["10.20.2.1/24"]},
+    "cn1": {"site-b": ["10.20.2.10/24"]},
     "pki": {},
 }
 SUBNETS = {
     "internet": ["198.51.100.0/24", "2001:db8:100::/64"],
     "access-a": ["10.10.1.0/24"],
+    "site-b": ["10.20.2.0/24"],
     "access-b": ["2001:db8:b::/64"],
 }
 
@@ -163,7 +166,7 @@ def test_lab_object_names_fit_and_do_not_clash(project: Project) -> None:
     assert len(set(ports)) == len(ports)
     ifnames = [names.bridge_name(n) for n in project.networks]
     assert all(len(n) <= names.IFNAME_MAX for n in ports + ifnames)
-    assert ifnames == ["internet", "access-a", "access-b"]
+    assert ifnames == ["internet", "access-a", "site-b", "access-b"]
 
 
 @pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose not installed")
@@ -190,6 +193,7 @@ def test_pki_spec_names_every_identity_of_the_lab() -> None:
         "dc1": ("dc", ["dc1.ntm.example.com"]),
         "cn2": ("node", ["cn2.ntm.example.com"]),
         "mn1": ("node", ["mn1.ntm.example.com"]),
+        "cn1": ("node", ["cn1.ntm.example.com"]),
     }
 
 
