@@ -18,6 +18,13 @@ class TlsConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class FederationConfig:
+    resolvers: tuple[str, ...]  # where to look up other zones' NS records
+    timeout: float  # the whole look-up and request; keep it below nodes' direction_timeout
+    peer_port: int  # other DCs' QUIC port
+
+
+@dataclasses.dataclass(frozen=True)
 class DcConfig:
     name: str
     zone: str
@@ -32,12 +39,14 @@ class DcConfig:
     status_socket: str
     state_file: str | None
     tls: TlsConfig
+    federation: FederationConfig | None
 
 
 def load(path: str | Path) -> DcConfig:
     data = load_toml(path)
     dc = section(data, "dc")
     tls = section(data, "tls")
+    fed = section(data, "federation", required=False)
     name = dc.text("name", what="a short name like dc1")
     zone = _fqdn(dc.text("zone", what="the NTM zone this DC serves, like ntm.example.com"), "zone")
     pool = dc.network("vip_pool")
@@ -64,9 +73,17 @@ def load(path: str | Path) -> DcConfig:
         status_socket=dc.text("status_socket", f"/run/ntm/dc-{name}.sock"),
         state_file=dc.opt_text("state_file"),
         tls=TlsConfig(ca=tls.text("ca"), cert=tls.text("cert"), key=tls.text("key")),
+        federation=None
+        if "federation" not in data
+        else FederationConfig(
+            resolvers=tuple(fed.ip_list("resolvers")),
+            timeout=fed.number("timeout", 2.0, lo=0.1),
+            peer_port=fed.integer("peer_port", 4433, 1, 65535),
+        ),
     )
     dc.check_unknown()
     tls.check_unknown()
+    fed.check_unknown()
     for what, file in (("ca", cfg.tls.ca), ("cert", cfg.tls.cert), ("key", cfg.tls.key)):
         if not Path(file).is_file():
             raise ConfigError(

@@ -11,10 +11,12 @@ import ipaddress
 import logging
 import secrets
 
+from ntm_proto.marker import MarkerRule
 from ntm_proto.messages import (
     DirectionRequest,
     ErrorCode,
     ErrorMessage,
+    NodeInformationRequest,
     PathRole,
     RegistrationRequest,
     RegistrationResponse,
@@ -29,6 +31,14 @@ from .route import EndView, RouteDecision, decide
 log = logging.getLogger("ntm.dc")
 
 REGISTERING_ROLES = frozenset({"node", "adaptor"})
+
+
+@dataclasses.dataclass(frozen=True)
+class Federate:
+    """The target lives in another DC's zone: ask that DC (found through DNS)."""
+
+    zone: str
+    requester: NodeRecord
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,8 +60,12 @@ class Coordinator:
         registry: Registry,
         vip_route: ipaddress.IPv4Network | ipaddress.IPv6Network,
         path_lifetime: int = 3600,
+        federation: bool = False,
+        mark: str = "ntm",
     ) -> None:
         self.zone = zone
+        self.federation = federation
+        self.marker = MarkerRule(mark)
         self.registry = registry
         self.vip_route = vip_route
         self.path_lifetime = path_lifetime
@@ -114,7 +128,7 @@ class Coordinator:
 
     def plan(
         self, peer_names: frozenset[str], msg: DirectionRequest, handle: object
-    ) -> DirectionPlan | ErrorMessage:
+    ) -> DirectionPlan | Federate | ErrorMessage:
         requester = self.registry.lookup(msg.source)
         if requester is None or msg.source not in peer_names or requester.handle is not handle:
             self._count("direction_refused")
@@ -123,22 +137,31 @@ class Coordinator:
                 f"{msg.source} is not registered on this connection; register it first",
             )
         if not self.in_zone(msg.target):
+            zone = self.marker.zone_of(msg.target)
+            if self.federation and zone:
+                self._count("direction_federated")
+                return Federate(zone, requester)
             self._count("direction_unknown")
             return ErrorMessage(
                 ErrorCode.UNKNOWN_TARGET, f"{msg.target} is not in this DC's zone {self.zone}"
             )
-        responder = self.registry.lookup(msg.target)
+        return self._plan_to_local(requester, msg.target)
+
+    def _plan_to_local(
+        self, requester: NodeRecord, target: str, requester_view: EndView | None = None
+    ) -> DirectionPlan | ErrorMessage:
+        responder = self.registry.lookup(target)
         if responder is None:
             self._count("direction_unknown")
-            return ErrorMessage(ErrorCode.UNKNOWN_TARGET, f"{msg.target} is not registered")
+            return ErrorMessage(ErrorCode.UNKNOWN_TARGET, f"{target} is not registered")
         if responder.handle is None:
             self._count("direction_unreachable")
             return ErrorMessage(
-                ErrorCode.PEER_UNREACHABLE, f"{msg.target} has no live control connection"
+                ErrorCode.PEER_UNREACHABLE, f"{target} has no live control connection"
             )
         if responder.fqdn == requester.fqdn:
             return ErrorMessage(ErrorCode.UNEXPECTED, "a node cannot build a tunnel to itself")
-        decision = decide(_view(requester), _view(responder))
+        decision = decide(requester_view or view_of(requester), view_of(responder))
         if decision.kind is RouteKind.RELAY:
             self._count("direction_unreachable")
             return ErrorMessage(
@@ -148,6 +171,52 @@ class Coordinator:
             )
         self._count("directions")
         return self._plan(requester, responder, decision)
+
+    def plan_remote(
+        self, peer_names: frozenset[str], peer_role: str, msg: NodeInformationRequest, now: float
+    ) -> DirectionPlan | ErrorMessage:
+        """Another DC asks for one of our nodes on behalf of one of its own."""
+        zone = msg.requester_zone
+        speaks_for_zone = any(n == zone or n.endswith("." + zone) for n in peer_names)
+        if (
+            peer_role != "dc"
+            or not speaks_for_zone
+            or not (msg.source_fqdn == zone or msg.source_fqdn.endswith("." + zone))
+        ):
+            self._count("federation_refused")
+            log.warning(
+                "refused Node Information Request for %s from %s (claims zone %s)",
+                msg.target,
+                sorted(peer_names),
+                zone,
+            )
+            return ErrorMessage(
+                ErrorCode.NOT_AUTHORIZED,
+                f"a DC certificate naming {', '.join(sorted(peer_names)) or 'nothing'} "
+                f"({peer_role}) cannot speak for zone {zone} or its node {msg.source_fqdn}",
+            )
+        if not self.in_zone(msg.target):
+            return ErrorMessage(
+                ErrorCode.UNKNOWN_TARGET, f"{msg.target} is not in this DC's zone {self.zone}"
+            )
+        requester = NodeRecord(
+            fqdn=msg.source_fqdn,
+            vip=msg.source_vip,
+            static_key=msg.source_key,
+            tunnel_port=msg.source_seen[1],
+            reported=msg.source_endpoints,
+            seen=msg.source_seen,
+            registered_at=now,
+            expires_at=now,
+        )
+        view = EndView(
+            families=frozenset(v for bit, v in ((1, 4), (2, 6)) if msg.source_families & bit),
+            behind_nat=msg.source_behind_nat,
+            seen_address=msg.source_seen[0],
+            public_endpoints=msg.source_endpoints,
+        )
+        self._count("federation_requests")
+        return self._plan_to_local(requester, msg.target, view)
 
     def _plan(
         self, requester: NodeRecord, responder: NodeRecord, decision: RouteDecision
@@ -188,7 +257,7 @@ class Coordinator:
         )
 
 
-def _view(record: NodeRecord) -> EndView:
+def view_of(record: NodeRecord) -> EndView:
     return EndView(
         families=record.families,
         behind_nat=record.behind_nat,

@@ -22,7 +22,9 @@ from ntm_proto.messages import (
     ErrorCode,
     ErrorMessage,
     Message,
+    NodeInformationRequest,
     RegistrationRequest,
+    RouteDirection,
     RouteDirectionAck,
     decode,
     encode,
@@ -30,9 +32,10 @@ from ntm_proto.messages import (
 from ntm_proto.pool import VipPool
 
 from .config import DcConfig
-from .coordinator import Coordinator, DirectionPlan
+from .coordinator import Coordinator, DirectionPlan, Federate, view_of
 from .dns_server import serve_zone
 from .dns_zone import NtmZone
+from .federation import Federation
 from .registry import Registry
 
 log = logging.getLogger("ntm.dc")
@@ -47,7 +50,19 @@ class DcServer:
         if config.state_file and Path(config.state_file).is_file():
             pool.restore(json.loads(Path(config.state_file).read_text()).get("vips", {}))
         self.registry = Registry(pool, config.registration_lifetime)
-        self.coordinator = Coordinator(config.zone, self.registry, config.vip_route)
+        self.coordinator = Coordinator(
+            config.zone, self.registry, config.vip_route, federation=config.federation is not None
+        )
+        self.federation = (
+            Federation(
+                config.federation.resolvers,
+                config.federation.timeout,
+                config.federation.peer_port,
+                config.tls,
+            )
+            if config.federation
+            else None
+        )
         self.counters: dict[str, int] = {}
         self.started = time.monotonic()
         self._closers: list[Any] = []
@@ -95,6 +110,8 @@ class DcServer:
             task.cancel()
         for closer in self._closers:
             closer.close()
+        if self.federation is not None:
+            await self.federation.close()
         self._save_state()
 
     def _spawn(self, coro: Any) -> None:
@@ -150,9 +167,38 @@ class DcServer:
             plan = self.coordinator.plan(conn.peer_names, msg, conn)
             if isinstance(plan, ErrorMessage):
                 return plan
+            if isinstance(plan, Federate):
+                return await self._federate(plan, msg.target)
             return await self._direct(plan)
+        if isinstance(msg, NodeInformationRequest):
+            remote = self.coordinator.plan_remote(conn.peer_names, conn.peer_role, msg, now)
+            if isinstance(remote, ErrorMessage):
+                return remote
+            return await self._direct(remote)
         self._count("unexpected")
         return ErrorMessage(ErrorCode.UNEXPECTED, f"{type(msg).__name__} is not a request to a DC")
+
+    async def _federate(self, plan: Federate, target: str) -> Message:
+        """Ask the target zone's DC; it directs its node and answers with our node's RD."""
+        assert self.federation is not None
+        view = view_of(plan.requester)
+        request = NodeInformationRequest(
+            requester_zone=self.config.zone,
+            target=target,
+            source_fqdn=plan.requester.fqdn,
+            source_vip=plan.requester.vip,
+            source_key=plan.requester.static_key,
+            source_endpoints=view.public_endpoints,
+            source_families=(1 if 4 in view.families else 0) | (2 if 6 in view.families else 0),
+            source_behind_nat=view.behind_nat,
+            source_seen=plan.requester.seen,
+        )
+        answer = await self.federation.ask(plan.zone, request)
+        if not isinstance(answer, (RouteDirection, ErrorMessage)):
+            return ErrorMessage(
+                ErrorCode.UNEXPECTED, f"DC of {plan.zone} sent {type(answer).__name__}"
+            )
+        return answer
 
     async def _direct(self, plan: DirectionPlan) -> Message:
         """Tell the responder first, so it knows the path before the first tunnel packet."""
@@ -196,7 +242,14 @@ class DcServer:
                 }
                 for r in self.registry.records()
             ],
-            "counters": {**self.counters, **self.coordinator.counters},
+            "counters": {
+                **self.counters,
+                **self.coordinator.counters,
+                **{
+                    f"federation_{k}": v
+                    for k, v in (self.federation.counters if self.federation else {}).items()
+                },
+            },
         }
 
 

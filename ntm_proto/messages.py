@@ -46,6 +46,9 @@ class MsgType(enum.IntEnum):
     ROUTE_DIRECTION = 4
     ROUTE_DIRECTION_ACK = 5
     ERROR = 6
+    RELAY_DIRECTION = 7
+    RELAY_DIRECTION_ACK = 8
+    NODE_INFORMATION_REQUEST = 9
     TUNNEL_REQUEST = 16
     TUNNEL_RESPONSE = 17
     KEEPALIVE = 18
@@ -382,6 +385,52 @@ class ErrorMessage(Message):
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class RelayDirection(Message):
+    """DC -> Relay Server: forward path_id between the two ends that prove binding_key.
+
+    Each end gets only its side's key (`ntm_proto.relay_binding.side_key`), never this one.
+    lifetime 0 removes the path; for an unknown path id it only asks for the load.
+    """
+
+    TYPE = MsgType.RELAY_DIRECTION
+    path_id: bytes = wire(PATH_ID)
+    binding_key: bytes = wire(FixedBytes(32))  # random, fresh per Relay Direction
+    lifetime: int = wire(U32)  # seconds
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RelayDirectionAck(Message):
+    """Relay Server -> DC: the path is installed (or removed); how busy the relay is now."""
+
+    TYPE = MsgType.RELAY_DIRECTION_ACK
+    path_id: bytes = wire(PATH_ID)
+    active_paths: int = wire(U32)
+    load: int = wire(U16)  # permille of capacity (paths or packet rate); may exceed 1000
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class NodeInformationRequest(Message):
+    """DC_MN -> DC_CN (found through the NS delegation of the target's zone).
+
+    It carries what DC_MN knows of the requesting node, so DC_CN can decide the route with
+    both ends in view, push a Route Direction to its node and answer with the requester's.
+    The requester's FQDN must lie in `requester_zone`, and DC_MN's certificate must name a
+    host in that zone: one DC cannot speak for another's nodes.
+    """
+
+    TYPE = MsgType.NODE_INFORMATION_REQUEST
+    requester_zone: str = wire(Fqdn())
+    target: str = wire(Fqdn())
+    source_fqdn: str = wire(Fqdn())
+    source_vip: str = wire(IP())
+    source_key: bytes = wire(PUBLIC_KEY)
+    source_endpoints: tuple[Endpoint, ...] = wire(EndpointList())  # where it can be reached
+    source_families: int = wire(U8)  # bit 0: IPv4, bit 1: IPv6
+    source_behind_nat: bool = wire(Bool())
+    source_seen: Endpoint = wire(EndpointKind())
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class TunnelRequest(Message):
     """Initiator -> responder inside the handshake: a timestamp against replayed handshakes."""
 
@@ -429,6 +478,9 @@ MESSAGE_TYPES: dict[MsgType, type[Message]] = {
         RouteDirection,
         RouteDirectionAck,
         ErrorMessage,
+        RelayDirection,
+        RelayDirectionAck,
+        NodeInformationRequest,
         TunnelRequest,
         TunnelResponse,
         Keepalive,
@@ -507,6 +559,9 @@ __all__ = [
     "ProbeAck",
     "RegistrationRequest",
     "RegistrationResponse",
+    "NodeInformationRequest",
+    "RelayDirection",
+    "RelayDirectionAck",
     "RouteDirection",
     "RouteDirectionAck",
     "RouteKind",

@@ -217,3 +217,18 @@ def test_reverse_path_when_only_the_responder_is_behind_nat(ready: Any) -> None:
     assert paths and paths[-1]["kind"] == "reverse" and paths[-1]["role"] == "responder"
     cn1_paths = status(lab, "cn1")["paths"]
     assert any(p["kind"] == "reverse" and p["role"] == "initiator" for p in cn1_paths)
+
+
+def test_far_name_through_dc_federation(ready: Any) -> None:
+    """cn3 is registered at dc2 (ntm.example.net); dc1 learns of it only by asking dc2."""
+    lab = ready
+    wait_for(lambda: status(lab, "cn3")["registered"], what="cn3 registered at dc2")
+    vip = status(lab, "mn1")["vip"]
+    page = curl(lab, "http://far.example.com/").stdout
+    assert f"server=cn3 client={vip}" in page
+    dc1 = status(lab, "dc1")
+    assert "cn3.ntm.example.net" not in {n["fqdn"] for n in dc1["nodes"]}
+    assert dc1["counters"].get("federation_answered", 0) >= 1
+    assert status(lab, "dc2")["counters"].get("federation_requests", 0) >= 1
+    paths = [p for p in status(lab, "mn1")["paths"] if p["peer_fqdn"] == "cn3.ntm.example.net"]
+    assert paths and paths[-1]["state"] == "established"

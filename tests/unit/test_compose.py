@@ -59,6 +59,8 @@ PLAN = {
     "mn1": {"access-a": ["10.10.1.100/24"]},
     "nat-b": {"internet": ["198.51.100.4/24", "2001:db8:100::4/64"], "site-b": ["10.20.2.1/24"]},
     "cn1": {"site-b": ["10.20.2.10/24"]},
+    "dc2": {"internet": ["198.51.100.21/24", "2001:db8:100::21/64"]},
+    "cn3": {"internet": ["198.51.100.33/24", "2001:db8:100::33/64"]},
     "pki": {},
 }
 SUBNETS = {
@@ -194,6 +196,8 @@ def test_pki_spec_names_every_identity_of_the_lab() -> None:
         "cn2": ("node", ["cn2.ntm.example.com"]),
         "mn1": ("node", ["mn1.ntm.example.com"]),
         "cn1": ("node", ["cn1.ntm.example.com"]),
+        "dc2": ("dc", ["dc2.ntm.example.net"]),
+        "cn3": ("node", ["cn3.ntm.example.net"]),
     }
 
 

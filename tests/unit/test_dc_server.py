@@ -58,6 +58,7 @@ async def with_dc(
         status_socket=str(tmp / "dc1.sock"),
         state_file=None,
         tls=TlsConfig(str(pki / "ca.pem"), str(pki / "dc1.pem"), str(pki / "dc1.key")),
+        federation=None,
     )
     server = DcServer(cfg)
     await server.start()
