@@ -4,10 +4,11 @@ VENV  := .venv
 PY    := $(VENV)/bin/python
 NTM   := $(VENV)/bin/ntm
 APT_PACKAGES := iproute2 nftables nsd unbound curl tcpdump iputils-ping procps \
-                python3-venv python3-dev gcc docker-compose
+                python3-venv python3-dev gcc docker-compose \
+                user-mode-linux kmod ipvsadm
 STAMP := $(VENV)/.setup-done
 
-.PHONY: setup demo test test-unit test-lab lint typecheck bench clean lab-down
+.PHONY: setup demo test test-unit test-lab test-ipvs lint typecheck bench clean lab-down
 
 setup: $(STAMP)
 
@@ -41,6 +42,10 @@ test-unit: setup
 
 test-lab: setup
 	$(PY) -m pytest -q -m lab tests/integration
+
+# Real IPVS: this kernel has none, so the lane runs inside User-Mode Linux (lab/uml.py).
+test-ipvs: setup
+	$(PY) -m pytest -q -m lab tests/integration/test_uml_ipvs.py
 
 # Everything CI checks: lint, types, unit tests, then the netns lab integration tests.
 test: setup lint typecheck
