@@ -6,7 +6,7 @@ import dataclasses
 import ipaddress
 from pathlib import Path
 
-from ntm_io.config import ConfigError, load_toml, section
+from ntm_io.config import ConfigError, Section, load_toml, parse_ip, section
 from ntm_proto.messages import check_fqdn
 
 
@@ -25,6 +25,15 @@ class FederationConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class RelaySpec:
+    name: str
+    host: str  # control address (QUIC, mutual TLS)
+    control_port: int
+    server_name: str  # the DNS name in the relay's certificate
+    endpoints: tuple[tuple[str, int], ...]  # where nodes send tunnel packets, per family
+
+
+@dataclasses.dataclass(frozen=True)
 class DcConfig:
     name: str
     zone: str
@@ -40,6 +49,7 @@ class DcConfig:
     state_file: str | None
     tls: TlsConfig
     federation: FederationConfig | None
+    relays: tuple[RelaySpec, ...] = ()
 
 
 def load(path: str | Path) -> DcConfig:
@@ -84,6 +94,7 @@ def load(path: str | Path) -> DcConfig:
     dc.check_unknown()
     tls.check_unknown()
     fed.check_unknown()
+    cfg = dataclasses.replace(cfg, relays=_relays(data.get("relay", [])))
     for what, file in (("ca", cfg.tls.ca), ("cert", cfg.tls.cert), ("key", cfg.tls.key)):
         if not Path(file).is_file():
             raise ConfigError(
@@ -98,3 +109,33 @@ def _fqdn(value: str, key: str) -> str:
     if why := check_fqdn(name):
         raise ConfigError(f"[dc] {key} = {value!r} is not a valid name: {why}")
     return name
+
+
+def _relays(tables: object) -> tuple[RelaySpec, ...]:
+    if not isinstance(tables, list):
+        raise ConfigError("relays are written as [[relay]] tables (an array), one per relay")
+    out: list[RelaySpec] = []
+    for i, table in enumerate(tables, 1):
+        if not isinstance(table, dict):
+            raise ConfigError(f"[[relay]] #{i} must be a table")
+        r = Section(table, f"relay #{i}")
+        endpoints = []
+        for text in r.texts("endpoints"):
+            host, sep, port = text.rpartition(":")
+            host = host.strip("[]")
+            if not sep or not port.isdigit():
+                raise ConfigError(
+                    f"[[relay]] #{i} endpoint {text!r}: write it as 198.51.100.50:7500 "
+                    "or [2001:db8::50]:7500"
+                )
+            endpoints.append((parse_ip(host, f"[[relay]] #{i} endpoints"), int(port)))
+        spec = RelaySpec(
+            name=r.text("name"),
+            host=r.ip("host"),
+            control_port=r.integer("control_port", 4434, 1, 65535),
+            server_name=r.text("server_name", what="the DNS name in the relay's certificate"),
+            endpoints=tuple(endpoints),
+        )
+        r.check_unknown()
+        out.append(spec)
+    return tuple(out)

@@ -10,10 +10,12 @@ import dataclasses
 import ipaddress
 import logging
 import secrets
+from collections.abc import Callable
 
 from ntm_proto.marker import MarkerRule
 from ntm_proto.messages import (
     DirectionRequest,
+    Endpoint,
     ErrorCode,
     ErrorMessage,
     NodeInformationRequest,
@@ -24,6 +26,7 @@ from ntm_proto.messages import (
     RouteKind,
 )
 from ntm_proto.pool import PoolExhausted
+from ntm_proto.relay_binding import side_key
 
 from .registry import NodeRecord, Registry
 from .route import EndView, RouteDecision, decide
@@ -31,6 +34,7 @@ from .route import EndView, RouteDecision, decide
 log = logging.getLogger("ntm.dc")
 
 REGISTERING_ROLES = frozenset({"node", "adaptor"})
+NO_KEY = bytes(32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +69,8 @@ class Coordinator:
     ) -> None:
         self.zone = zone
         self.federation = federation
+        # the server tells us whether a healthy relay exists (asked at decision time)
+        self.relays_available: Callable[[], bool] = lambda: False
         self.marker = MarkerRule(mark)
         self.registry = registry
         self.vip_route = vip_route
@@ -162,7 +168,7 @@ class Coordinator:
         if responder.fqdn == requester.fqdn:
             return ErrorMessage(ErrorCode.UNEXPECTED, "a node cannot build a tunnel to itself")
         decision = decide(requester_view or view_of(requester), view_of(responder))
-        if decision.kind is RouteKind.RELAY:
+        if decision.kind is RouteKind.RELAY and not self.relays_available():
             self._count("direction_unreachable")
             return ErrorMessage(
                 ErrorCode.PEER_UNREACHABLE,
@@ -171,6 +177,10 @@ class Coordinator:
             )
         self._count("directions")
         return self._plan(requester, responder, decision)
+
+    def replan(self, requester: NodeRecord, target: str) -> DirectionPlan | ErrorMessage:
+        """A fresh plan (new path id) between two registered nodes, e.g. after a relay died."""
+        return self._plan_to_local(requester, target)
 
     def plan_remote(
         self, peer_names: frozenset[str], peer_role: str, msg: NodeInformationRequest, now: float
@@ -233,6 +243,7 @@ class Coordinator:
             peer_endpoints=decision.initiator_targets,
             relay=None,
             lifetime=self.path_lifetime,
+            relay_key=NO_KEY,
         )
         to_responder = RouteDirection(
             path_id=path_id,
@@ -244,6 +255,7 @@ class Coordinator:
             peer_endpoints=decision.responder_targets,
             relay=None,
             lifetime=self.path_lifetime,
+            relay_key=NO_KEY,
         )
         log.info(
             "path %s: %s -> %s kind=%s",
@@ -255,6 +267,40 @@ class Coordinator:
         return DirectionPlan(
             path_id, decision.kind, requester, responder, to_requester, to_responder
         )
+
+
+def relayed(
+    plan: DirectionPlan, relay: tuple[Endpoint, ...], binding_key: bytes
+) -> DirectionPlan | None:
+    """The plan through one relay: each end gets the relay endpoint of a family it has and
+    only its own side's binding key. None when the relay lacks a family an end needs."""
+
+    def endpoint_for(record: NodeRecord) -> Endpoint | None:
+        for ep in relay:
+            if ipaddress.ip_address(ep[0]).version in record.families:
+                return ep
+        return None
+
+    ep_requester, ep_responder = endpoint_for(plan.requester), endpoint_for(plan.responder)
+    if ep_requester is None or ep_responder is None:
+        return None
+    to_requester = dataclasses.replace(
+        plan.to_requester,
+        kind=RouteKind.RELAY,
+        role=PathRole.INITIATOR,
+        peer_endpoints=(ep_requester,),
+        relay=ep_requester,
+        relay_key=side_key(binding_key, PathRole.INITIATOR),
+    )
+    to_responder = dataclasses.replace(
+        plan.to_responder,
+        kind=RouteKind.RELAY,
+        role=PathRole.RESPONDER,
+        peer_endpoints=(),
+        relay=ep_responder,
+        relay_key=side_key(binding_key, PathRole.RESPONDER),
+    )
+    return dataclasses.replace(plan, to_requester=to_requester, to_responder=to_responder)
 
 
 def view_of(record: NodeRecord) -> EndView:

@@ -26,17 +26,20 @@ from ntm_proto.messages import (
     RegistrationRequest,
     RouteDirection,
     RouteDirectionAck,
+    RouteKind,
     decode,
     encode,
 )
 from ntm_proto.pool import VipPool
+from ntm_proto.relay_binding import new_binding_key
 
 from .config import DcConfig
-from .coordinator import Coordinator, DirectionPlan, Federate, view_of
+from .coordinator import Coordinator, DirectionPlan, Federate, relayed, view_of
 from .dns_server import serve_zone
 from .dns_zone import NtmZone
 from .federation import Federation
 from .registry import Registry
+from .relays import RelayPool
 
 log = logging.getLogger("ntm.dc")
 
@@ -63,6 +66,10 @@ class DcServer:
             if config.federation
             else None
         )
+        self.relays = RelayPool(config.relays, config.tls, on_down=self._relay_down)
+        self.coordinator.relays_available = self.relays.any_healthy
+        # relayed paths of our own nodes: path id -> (relay, requester, responder)
+        self._relayed: dict[bytes, tuple[str, str, str]] = {}
         self.counters: dict[str, int] = {}
         self.started = time.monotonic()
         self._closers: list[Any] = []
@@ -92,6 +99,7 @@ class DcServer:
             self._closers.append(server)
             if cfg.dns_port:
                 self._closers.append(await serve_zone(zone, host, cfg.dns_port))
+        self.relays.start()
         status = await serve_status(cfg.status_socket, self.status)
         self._closers.append(status)
         self._spawn(self._housekeeping())
@@ -112,6 +120,7 @@ class DcServer:
             closer.close()
         if self.federation is not None:
             await self.federation.close()
+        await self.relays.close()
         self._save_state()
 
     def _spawn(self, coro: Any) -> None:
@@ -201,7 +210,13 @@ class DcServer:
         return answer
 
     async def _direct(self, plan: DirectionPlan) -> Message:
-        """Tell the responder first, so it knows the path before the first tunnel packet."""
+        """Tell the relay (if any) and the responder first, so both know the path before
+        the first tunnel packet; then answer the requester."""
+        if plan.kind is RouteKind.RELAY:
+            routed = await self._through_relay(plan)
+            if isinstance(routed, ErrorMessage):
+                return routed
+            plan = routed
         responder_conn = plan.responder.handle
         assert isinstance(responder_conn, ControlConnection)
         try:
@@ -226,6 +241,62 @@ class DcServer:
             )
         return plan.to_requester
 
+    async def _through_relay(
+        self, plan: DirectionPlan, exclude: frozenset[str] = frozenset()
+    ) -> DirectionPlan | ErrorMessage:
+        for relay in self.relays.candidates(exclude):
+            key = new_binding_key()
+            routed = relayed(plan, relay.spec.endpoints, key)
+            if routed is None:
+                continue  # this relay lacks an address family one end needs
+            if await self.relays.install(relay, plan.path_id, key, self.coordinator.path_lifetime):
+                self._relayed[plan.path_id] = (
+                    relay.spec.name,
+                    plan.requester.fqdn,
+                    plan.responder.fqdn,
+                )
+                self._count("relayed_paths")
+                log.info("path %s through relay %s", plan.path_id.hex(), relay.spec.name)
+                return routed
+        self._count("relay_unavailable")
+        return ErrorMessage(
+            ErrorCode.PEER_UNREACHABLE,
+            f"{plan.requester.fqdn} and {plan.responder.fqdn} need a relay and none could take "
+            "the path",
+        )
+
+    def _relay_down(self, name: str) -> None:
+        self._spawn(self._reroute(name))
+
+    async def _reroute(self, dead: str) -> None:
+        """A relay died: give each of its paths a new relayed path through another one,
+        pushed to both ends (they switch when the new path is up; the vIPs do not change)."""
+        for path_id, (name, req, resp) in list(self._relayed.items()):
+            if name != dead:
+                continue
+            del self._relayed[path_id]
+            requester, responder = self.registry.lookup(req), self.registry.lookup(resp)
+            if requester is None or responder is None or requester.handle is None:
+                continue
+            plan = self.coordinator.replan(requester, resp)
+            if not isinstance(plan, DirectionPlan):
+                continue
+            answer = await self._direct(plan)
+            if not isinstance(answer, RouteDirection):
+                log.warning("path %s: no new route after relay %s died", path_id.hex(), dead)
+                continue
+            handle = requester.handle
+            assert isinstance(handle, ControlConnection)
+            try:
+                await handle.request(encode(answer), PUSH_TIMEOUT)
+            except (ControlError, TimeoutError) as exc:
+                log.warning("path %s: %s did not take its new route: %s", path_id.hex(), req, exc)
+                continue
+            self._count("relay_failovers")
+            log.info(
+                "path %s moved off relay %s: new path %s", path_id.hex(), dead, plan.path_id.hex()
+            )
+
     def status(self) -> dict[str, Any]:
         return {
             "role": "dc",
@@ -242,6 +313,7 @@ class DcServer:
                 }
                 for r in self.registry.records()
             ],
+            "relays": self.relays.status(),
             "counters": {
                 **self.counters,
                 **self.coordinator.counters,

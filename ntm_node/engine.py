@@ -19,20 +19,23 @@ from typing import Any, Protocol
 from ntm_proto.crypto import StaticKey
 from ntm_proto.endpoint import TunnelEndpoint
 from ntm_proto.errors import LocalProtocolError
-from ntm_proto.messages import Endpoint, PathRole, RouteDirection
+from ntm_proto.messages import Endpoint, PathRole, RouteDirection, RouteKind
 from ntm_proto.path import (
     HandshakeFailed,
     PathConfig,
     PathEstablished,
+    PathIdle,
     PathState,
     PeerAddressChanged,
     TunnelPath,
 )
+from ntm_proto.relay_binding import BindingType, RelayBinder
 
 log = logging.getLogger("ntm.engine")
 
 SOCKET_BUFFER = 4 * 1024 * 1024
 MAX_BATCH = 256  # packets handled per wake-up and direction before yielding
+BIND_ACK = bytes([BindingType.BIND_ACK])
 
 
 class PacketDevice(Protocol):
@@ -67,6 +70,7 @@ class TunnelEngine:
         self._meta: dict[bytes, RouteDirection] = {}
         self._peer_vip: dict[bytes, bytes] = {}  # path id -> the only inner source it may use
         self._waiters: dict[bytes, list[asyncio.Future[None]]] = {}
+        self._binders: dict[bytes, RelayBinder] = {}  # relayed paths: proof toward the relay
         self._timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._on_path_change = on_path_change
@@ -138,6 +142,12 @@ class TunnelEngine:
             peer_endpoints=self._usable(rd.peer_endpoints),
             keepalive_interval=self.keepalive_interval,
         )
+        if rd.kind is RouteKind.RELAY and rd.relay is not None:
+            # Bind our side at the relay first: the RS forwards nothing to or from an end
+            # that has not proved it holds a side of the path.
+            binder = RelayBinder(rd.path_id, rd.role, rd.relay_key, rd.relay)
+            binder.bind(now, wall)
+            self._binders[rd.path_id] = binder
         path = self.endpoint.add_path(config, now, wall)
         self._meta[rd.path_id] = rd
         self._peer_vip[rd.path_id] = ipaddress.IPv4Address(rd.peer_vip).packed
@@ -203,6 +213,7 @@ class TunnelEngine:
         self.endpoint.remove_path(path_id)
         rd = self._meta.pop(path_id, None)
         self._peer_vip.pop(path_id, None)
+        self._drop_binder(path_id)
         if rd is not None:
             key = ipaddress.IPv4Address(rd.peer_vip).packed
             route = self._route.get(key)
@@ -214,6 +225,8 @@ class TunnelEngine:
 
     def local_address_changed(self) -> None:
         now, wall = time.monotonic(), time.time_ns()
+        for binder in self._binders.values():
+            binder.bind(now, wall)  # the relay learns our new address from a fresh proof
         for path in list(self.endpoint.paths):
             path.set_local_address_changed(now, wall)
         self._flush()
@@ -262,6 +275,11 @@ class TunnelEngine:
                 self._count("udp_errors")
                 log.debug("udp receive error: %s", exc)
                 continue
+            if data[:1] == BIND_ACK:
+                binder = self._binders.get(data[4:12])
+                if binder is None or not binder.receive_ack(data, (addr[0], addr[1]), now):
+                    self._count("rx_dropped_bind_ack")
+                continue
             result = receive(data, (addr[0], addr[1]), now, wall)
             if result is None:
                 continue
@@ -299,13 +317,19 @@ class TunnelEngine:
 
     def _flush(self) -> None:
         now = time.monotonic()
+        for binder in self._binders.values():  # BINDs before the handshake they enable
+            for data, addr in binder.datagrams_to_send(now):
+                self._send(data, addr)
         for data, addr in self.endpoint.datagrams_to_send(now):
             self._send(data, addr)
         self._handle_events()
         self._arm_timer()
 
     def _arm_timer(self) -> None:
-        when = self.endpoint.get_timer()
+        timers = [t for b in self._binders.values() if (t := b.get_timer()) is not None]
+        if (t := self.endpoint.get_timer()) is not None:
+            timers.append(t)
+        when = min(timers) if timers else None
         if self._timer is not None:
             if when is not None and abs(self._timer.when() - when) < 0.001:
                 return
@@ -316,7 +340,12 @@ class TunnelEngine:
 
     def _on_timer(self) -> None:
         self._timer = None
-        self.endpoint.handle_timer(time.monotonic(), time.time_ns())
+        now, wall = time.monotonic(), time.time_ns()
+        for binder in self._binders.values():
+            timer = binder.get_timer()
+            if timer is not None and timer <= now:
+                binder.handle_timer(now, wall)
+        self.endpoint.handle_timer(now, wall)
         self._flush()
 
     def _handle_events(self) -> None:
@@ -339,6 +368,9 @@ class TunnelEngine:
                     if not fut.done():
                         fut.set_result(None)
                 changed = True
+            elif isinstance(event, PathIdle) and path_id in self._binders:
+                now, wall = time.monotonic(), time.time_ns()
+                self._binders[path_id].bind(now, wall)  # the relay may have lost us
             elif isinstance(event, PeerAddressChanged):
                 log.info("path %s: %s moved %s -> %s", path_id.hex(), name, event.old, event.new)
                 changed = True
@@ -358,6 +390,12 @@ class TunnelEngine:
         self.endpoint.remove_path(path_id)
         self._meta.pop(path_id, None)
         self._peer_vip.pop(path_id, None)
+        self._drop_binder(path_id)
+
+    def _drop_binder(self, path_id: bytes) -> None:
+        binder = self._binders.pop(path_id, None)
+        if binder is not None:
+            binder.close()
 
     def status(self) -> list[dict[str, Any]]:
         out = []
@@ -372,6 +410,11 @@ class TunnelEngine:
                     "role": rd.role.name.lower() if rd else None,
                     "state": path.state.name.lower(),
                     "peer_address": list(path.peer_address) if path.peer_address else None,
+                    "relay": (
+                        {"endpoint": list(b.relay), "bound": b.bound, "counters": dict(b.counters)}
+                        if (b := self._binders.get(path.path_id))
+                        else None
+                    ),
                     "counters": dict(path.counters),
                 }
             )

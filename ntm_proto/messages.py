@@ -369,6 +369,9 @@ class RouteDirection(Message):
     peer_endpoints: tuple[Endpoint, ...] = wire(EndpointList())
     relay: Endpoint | None = wire(EndpointKind(optional=True))
     lifetime: int = wire(U32)
+    # kind RELAY: this end's side key for binding at the relay (relay_binding.side_key);
+    # 32 zero bytes otherwise. Each end gets only its own side's key.
+    relay_key: bytes = wire(PUBLIC_KEY)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

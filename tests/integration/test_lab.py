@@ -82,6 +82,9 @@ def fake_dc1(zonefile: Path) -> dict[str, object]:
             "NTM_NSD_DIR": "${NTM_LAB_STATE}/fakedc",
             "NTM_NSD_ZONE": "ntm.example.com",
             "NTM_NSD_ZONEFILE": str(zonefile),
+            # the template serves two zones; the stand-in's second one is never asked
+            "NTM_NSD_ZONE2": "example.net",
+            "NTM_NSD_ZONEFILE2": "lab/dns/example.net.zone",
         },
         "networks": {
             "internet": {"ipv4_address": "198.51.100.20", "ipv6_address": "2001:db8:100::20"}

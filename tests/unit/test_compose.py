@@ -61,6 +61,8 @@ PLAN = {
     "cn1": {"site-b": ["10.20.2.10/24"]},
     "dc2": {"internet": ["198.51.100.21/24", "2001:db8:100::21/64"]},
     "cn3": {"internet": ["198.51.100.33/24", "2001:db8:100::33/64"]},
+    "rs1": {"internet": ["198.51.100.50/24", "2001:db8:100::50/64"]},
+    "rs2": {"internet": ["198.51.100.51/24", "2001:db8:100::51/64"]},
     "pki": {},
 }
 SUBNETS = {
@@ -198,6 +200,8 @@ def test_pki_spec_names_every_identity_of_the_lab() -> None:
         "cn1": ("node", ["cn1.ntm.example.com"]),
         "dc2": ("dc", ["dc2.ntm.example.net"]),
         "cn3": ("node", ["cn3.ntm.example.net"]),
+        "rs1": ("relay", ["rs1.relay.example.com"]),
+        "rs2": ("relay", ["rs2.relay.example.com"]),
     }
 
 

@@ -40,6 +40,7 @@ SAMPLES: list[m.Message] = [
         peer_endpoints=(("198.51.100.30", 7400),),
         relay=None,
         lifetime=3600,
+        relay_key=bytes(32),
     ),
     m.RouteDirectionAck(path_id=b"\x02" * 8),
     m.ErrorMessage(m.ErrorCode.NOT_AUTHORIZED, "not in your certificate"),
