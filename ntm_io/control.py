@@ -89,7 +89,7 @@ IDLE_TIMEOUT = 60.0  # a silent peer is declared dead after this
 KEEPALIVE_INTERVAL = 15.0  # well under common NAT UDP binding lifetimes (30 s+)
 CONNECT_TIMEOUT = 10.0
 CLOSE_TIMEOUT = 1.0  # bound on waiting for QUIC's closing period in close()
-ROLES = frozenset({"dc", "node", "relay", "adaptor"})
+ROLES = frozenset({"dc", "node", "relay", "adaptor", "lb"})
 
 # Application error codes on RESET_STREAM / STOP_SENDING.
 E_TOO_BIG = 0x1

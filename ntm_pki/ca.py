@@ -34,7 +34,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ntm_io.config import ConfigError, load_toml, section
 
-ROLES: tuple[str, ...] = ("dc", "node", "relay", "adaptor")
+ROLES: tuple[str, ...] = ("dc", "node", "relay", "adaptor", "lb")
 CA_CERT = "ca.pem"
 CA_KEY = "ca.key"
 DEFAULT_CA_NAME = "NTM Lab CA"
