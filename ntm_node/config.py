@@ -36,7 +36,8 @@ class NodeConfig:
     cert: str
     key: str
     dns: DnsConfig
-    keepalive_interval: float
+    nat_timeout: float  # the shortest UDP mapping lifetime of NATs on the way
+    keepalive_interval: float  # derived: a quiet path says something before NATs forget it
 
 
 def load(path: str | Path) -> NodeConfig:
@@ -63,7 +64,8 @@ def load(path: str | Path) -> NodeConfig:
         mark=node.text("mark", "ntm").lower(),
         key_file=node.text("key_file", f"/var/lib/ntm/{name}.x25519"),
         status_socket=node.text("status_socket", f"/run/ntm/node-{name}.sock"),
-        keepalive_interval=node.number("keepalive_interval", 15.0, lo=1.0),
+        nat_timeout=(nat := node.number("nat_timeout", 30.0, lo=2.0)),
+        keepalive_interval=keepalive_for(nat),
         dc_addresses=tuple(dc.ip_list("addresses")),
         dc_port=dc.integer("port", 4433, 1, 65535),
         dc_server_name=dc.text("server_name", what="the name in the DC's certificate"),
@@ -112,3 +114,9 @@ def _hostport(value: str, default_port: int) -> tuple[str, int]:
     if not 0 < port < 65536:
         raise ConfigError(f"[dns] listen {value!r}: bad port; write it like 127.0.0.1:53")
     return parse_ip(host, "[dns] listen"), port
+
+
+def keepalive_for(nat_timeout: float) -> float:
+    """Keepalive interval for a NAT mapping lifetime: two chances per lifetime, so one lost
+    keepalive does not let the mapping expire. Sent only when the path is otherwise quiet."""
+    return max(nat_timeout / 2.0 - 1.0, 1.0)

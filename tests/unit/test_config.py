@@ -38,6 +38,7 @@ def test_lab_configs_load(state: Path) -> None:
     assert dc.tls.ca == f"{state}/pki/ca.pem"  # ${NTM_LAB_STATE} expanded
     node = node_config.load(LAB / "mn1.toml")
     assert node.fqdn == "mn1.ntm.example.com" and node.dns.listen == ("127.0.0.1", 53)
+    assert node.nat_timeout == 30 and node.keepalive_interval == 14  # derived, not set
 
 
 @pytest.mark.parametrize(
@@ -71,6 +72,7 @@ def test_dc_config_errors(state: Path, old: str, new: str, expect: str) -> None:
         ),
         ('addresses = ["198.51.100.20", "2001:db8:100::20"]', 'addresses = ["dc1"]', "not an IP"),
         ('listen = "127.0.0.1:53"', 'listen = "198.51.100.99:53"', "redirect = true needs"),
+        ("nat_timeout = 30", "nat_timeout = 1", "must be at least 2"),
     ],
 )
 def test_node_config_errors(state: Path, old: str, new: str, expect: str) -> None:
