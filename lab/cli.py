@@ -66,6 +66,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--name", required=True)
     p.add_argument("--port", type=int, default=80)
     p.add_argument("--bind", default="::")
+    p = sub.add_parser("udpecho", help="UDP echo answering NAME + the datagram")
+    p.add_argument("--name", required=True)
+    p.add_argument("--port", type=int, default=9000)
+    p.add_argument("--bind", default="::")
     p = sub.add_parser("render", help="fill a config template from the environment, exec CMD")
     p.add_argument("template")
     p.add_argument("out")
@@ -116,6 +120,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         from lab import httpd
 
         httpd.serve(args.name, args.port, args.bind)
+        return 0
+    if verb == "udpecho":
+        from lab import udpecho
+
+        udpecho.serve(args.name, args.port, args.bind)
         return 0
     if verb == "render":
         from lab import render

@@ -17,6 +17,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "pki": ("ntm_pki.cli", "create a lab CA and issue certificates"),
     "dns": ("ntm_node.dns_cli", "diagnose how a name resolves for NTMobile"),
     "lab": ("lab.cli", "bring the lab up and down, run commands in it"),
+    "adaptor": ("adaptor.cli", "run an NTMobile Adaptor in front of a service"),
     "lb": ("lb_integration.cli", "run the load balancer host agent (IPVS or nftables)"),
     "bench": ("bench.cli", "run the benchmarks (tunnel, setup, DC capacity)"),
     "status": ("ntm_cli.status", "show a running daemon's status as JSON"),

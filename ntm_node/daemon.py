@@ -59,7 +59,7 @@ class NodeDaemon:
         self.started = time.monotonic()
         self.static_key = load_or_create_key(config.key_file)
         self.engine = TunnelEngine(self.static_key, config.tunnel_port, config.keepalive_interval)
-        self.addresses: AddressSet = current_addresses(ignore_ifaces=(config.tun_name,))
+        self.addresses: AddressSet = current_addresses(ignore_ifaces=self.ignored_interfaces())
         self.dc = DcClient(
             config,
             self.static_key.public_bytes(),
@@ -74,6 +74,11 @@ class NodeDaemon:
         self._closers: list[Any] = []
         self._tasks: set[asyncio.Task[Any]] = set()
 
+    def ignored_interfaces(self) -> tuple[str, ...]:
+        """Interfaces whose addresses are never offered to the DC as tunnel endpoints: our
+        TUN (an NTMA subclass adds its private service side)."""
+        return (self.config.tun_name,)
+
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
@@ -83,7 +88,9 @@ class NodeDaemon:
     async def start(self) -> None:
         cfg = self.config
         self.engine.open()
-        self.watcher = AddressWatcher(self._addresses_changed, ignore_ifaces=(cfg.tun_name,))
+        self.watcher = AddressWatcher(
+            self._addresses_changed, ignore_ifaces=self.ignored_interfaces()
+        )
         self.addresses = await self.watcher.start()
         self._spawn(self.dc.run())
         if cfg.dns.enabled:

@@ -63,6 +63,11 @@ PLAN = {
     "cn3": {"internet": ["198.51.100.33/24", "2001:db8:100::33/64"]},
     "rs1": {"internet": ["198.51.100.50/24", "2001:db8:100::50/64"]},
     "rs2": {"internet": ["198.51.100.51/24", "2001:db8:100::51/64"]},
+    "ntma1": {"internet": ["198.51.100.60/24", "2001:db8:100::60/64"], "dmz": ["10.30.0.2/24"]},
+    "lb": {"dmz": ["10.30.0.10/24"], "backend": ["10.40.0.1/24"]},
+    "web1": {"backend": ["10.40.0.11/24"]},
+    "web2": {"backend": ["10.40.0.12/24"]},
+    "web3": {"backend": ["10.40.0.13/24"]},
     "pki": {},
 }
 SUBNETS = {
@@ -70,6 +75,8 @@ SUBNETS = {
     "access-a": ["10.10.1.0/24"],
     "site-b": ["10.20.2.0/24"],
     "access-b": ["2001:db8:b::/64"],
+    "dmz": ["10.30.0.0/24"],
+    "backend": ["10.40.0.0/24"],
 }
 
 
@@ -138,6 +145,24 @@ def test_mn1_starts_behind_nat_a_and_can_roam_to_access_b(project: Project) -> N
     assert mn1.roam["access-a"].addresses == ("10.10.1.100/24",)
 
 
+def test_load_balanced_service_routes_without_snat(project: Project) -> None:
+    """ntma1 forwards (no masquerade); the LB's replies go back through ntma1; web1..3
+    route via the LB. Nothing on the NTMA -> LB -> web path masquerades the MN's vIP."""
+    for router in ("ntma1", "lb"):
+        assert project.services[router].sysctls == {"net.ipv4.ip_forward": "1"}
+        assert "NTM_LAB_MASQUERADE" not in env_of(project, router)
+    lb_routes = parse_routes(env_of(project, "lb")["NTM_LAB_ROUTES"])
+    assert ((), ("default", "via", "10.30.0.2")) in lb_routes
+    assert ((), ("100.64.0.0/10", "via", "10.30.0.2")) in lb_routes
+    assert ((), ("local", "10.30.0.100", "dev", "dmz")) in lb_routes
+    for web in ("web1", "web2", "web3"):
+        assert parse_routes(env_of(project, web)["NTM_LAB_ROUTES"]) == [
+            ((), ("default", "via", "10.40.0.1"))
+        ]
+    order = project.start_order()
+    assert order.index("web1") < order.index("lb") < order.index("ntma1")
+
+
 def test_start_order_respects_dependencies(project: Project) -> None:
     order = project.start_order()
     before = [
@@ -170,7 +195,7 @@ def test_lab_object_names_fit_and_do_not_clash(project: Project) -> None:
     assert len(set(ports)) == len(ports)
     ifnames = [names.bridge_name(n) for n in project.networks]
     assert all(len(n) <= names.IFNAME_MAX for n in ports + ifnames)
-    assert ifnames == ["internet", "access-a", "site-b", "access-b"]
+    assert ifnames == ["internet", "access-a", "site-b", "access-b", "dmz", "backend"]
 
 
 @pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose not installed")
@@ -202,6 +227,8 @@ def test_pki_spec_names_every_identity_of_the_lab() -> None:
         "cn3": ("node", ["cn3.ntm.example.net"]),
         "rs1": ("relay", ["rs1.relay.example.com"]),
         "rs2": ("relay", ["rs2.relay.example.com"]),
+        "ntma1": ("adaptor", ["www.ntm.example.com"]),
+        "lb": ("lb", ["lb.dmz.example.com"]),
     }
 
 
@@ -213,6 +240,7 @@ def test_zone_file_has_the_lab_records() -> None:
     assert ("plain.example.com.", 1, "198.51.100.40") in records
     assert ("plain.example.com.", 28, "2001:db8:100::40") in records
     assert ("global.example.com.", 5, "cn2.ntm.example.com.") in records
+    assert ("www.example.com.", 5, "www.ntm.example.com.") in records
     assert ("ntm.example.com.", 2, "dc1.ntm.example.com.") in records
     assert ("dc1.ntm.example.com.", 1, "198.51.100.20") in records
     assert ("dc1.ntm.example.com.", 28, "2001:db8:100::20") in records

@@ -1,0 +1,1 @@
+"""`ntm adaptor`: the NTMobile Adaptor (NTMA), an NTM endpoint acting for a service."""
