@@ -8,8 +8,9 @@ Recipe and caveats: ../shared/ENVIRONMENT.md, "Real IPVS: User-Mode Linux".
     python -m lab.uml -- python -m pytest -q -m ipvs tests/ipvs
 
 Isolation: hostfs writes land on the host, so the init script mounts tmpfs over /run (so
-`ip netns add` inside UML never touches the host's /run/netns) and over /tmp, and the command
-gets only a private host temp dir (seen inside as /run/uml-io) for its status and output.
+`ip netns add` inside UML never touches the host's /run/netns) and points TMPDIR at /run/tmp
+(not over /tmp: the checkout may live there), and the command gets only a private host temp
+dir (seen inside as /run/uml-io) for its status and output.
 UML's own exit status does not carry the command's, hence the status file.
 """
 
@@ -113,13 +114,15 @@ mount -t sysfs sys /sys
 mount -t tmpfs -o mode=0755 tmpfs /run
 mkdir -p {IO_DIR} /run/netns
 mount --bind {shlex.quote(str(io_host))} {IO_DIR} || {{ echo "uml-init: no io dir"; poweroff -f; }}
-mount -t tmpfs -o mode=1777 tmpfs /tmp
+# A private temp dir under the /run tmpfs; /tmp itself stays the host's, because the
+# checkout (and its venv) may live there, as CI's fresh clones can.
+mkdir -p /run/tmp && chmod 1777 /run/tmp
 mkdir -p /dev/shm && mount -t tmpfs -o mode=1777 tmpfs /dev/shm
 for m in {" ".join(shlex.quote(m) for m in modules)}; do
   modprobe -d {IO_DIR}/modules "$m" || echo "uml-init: modprobe $m failed"
 done
 ip link set lo up
-export HOME=/tmp TMPDIR=/tmp LANG=C.UTF-8 PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
+export HOME=/run/tmp TMPDIR=/run/tmp LANG=C.UTF-8 PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
 {exports}
 cd {shlex.quote(str(cwd))} && {shlex.join(command)} > {IO_DIR}/output 2>&1 < /dev/null
 echo $? > {IO_DIR}/status.tmp && mv {IO_DIR}/status.tmp {IO_DIR}/status
