@@ -51,8 +51,18 @@ test-ipvs: setup
 test: setup lint typecheck
 	$(PY) -m pytest -q tests
 
+BENCH_APT  := iperf3 openvpn
+BENCH_ARGS ?=
+
+# Benchmarks: tunnel vs OpenVPN vs plain, setup time, DC capacity; table on stdout, JSON in
+# results/. Quick run: make bench BENCH_ARGS=--quick
 bench: setup
-	@echo "benchmarks: not yet (issue 7)"; exit 1
+	@missing=$$(for p in $(BENCH_APT); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:" $$missing; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+	$(NTM) bench $(BENCH_ARGS)
 
 lab-down: setup
 	$(NTM) lab down

@@ -1,0 +1,1 @@
+"""`ntm bench`: side-by-side benchmarks of the tunnel, its set-up and the DC (issue 7)."""

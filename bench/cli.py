@@ -1,0 +1,411 @@
+"""`ntm bench`: tunnel vs OpenVPN vs plain, name-to-tunnel set-up, DC capacity.
+
+Numbers are reported, never asserted: the exit status is 0 unless a benchmark itself broke
+(1) or was interrupted (130). Everything created (lab, namespaces, processes) goes away on
+every exit path, Ctrl-C and SIGTERM included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from ntm_io.config import ConfigError
+
+from . import openvpn, procstat, profile, report, tunnel
+from .dc_capacity import run_dc
+from .iperf import IperfError, parse_iperf3
+from .labctl import CN, CN_ADDRESS, DIRECT_ADDRESS, DIRECT_NODE, BenchLab, LabFailure
+from .nsproc import Processes, in_ns
+from .setup_time import probe_argv, run_setup
+
+SECTIONS = ("tunnel", "latency", "setup", "dc")
+LAB_SECTIONS = frozenset({"tunnel", "latency", "setup"})
+NAT_CLIENT = "mn1"
+TUN_MTU_DEFAULT = 1400
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How long and how often; --quick keeps the whole run under 3 minutes."""
+
+    quick: bool
+    iperf_seconds: int
+    iperf_rounds: int
+    pings: int
+    ping_interval: float
+    setup_runs: int
+    dc_nodes: int
+    dc_plans: int
+    dc_seconds: float
+    profile_seconds: int
+
+    @classmethod
+    def make(cls, quick: bool) -> Plan:
+        if quick:
+            return cls(True, 3, 1, 200, 0.01, 20, 100_000, 5_000, 3.0, 5)
+        return cls(False, 6, 3, 500, 0.01, 100, 100_000, 20_000, 8.0, 10)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--quick", action="store_true", help="shorter tests and fewer runs (under 3 minutes)"
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="JSON result file (default results/bench-<timestamp>.json)",
+    )
+    parser.add_argument(
+        "--only",
+        default=",".join(SECTIONS),
+        help=f"comma-separated sections to run, from {','.join(SECTIONS)} (default all)",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="also sample both tunnel nodes with py-spy under a TCP load (top frames in the "
+        "JSON, raw stacks beside it)",
+    )
+    parser.add_argument(
+        "--keep-work",
+        action="store_true",
+        help="keep the temporary work directory (logs, PKI, compose file) even on success",
+    )
+
+
+def parse_only(text: str) -> list[str]:
+    chosen = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [s for s in chosen if s not in SECTIONS]
+    if unknown or not chosen:
+        raise ConfigError(
+            f"--only {text!r}: unknown section(s) {', '.join(unknown) or '(none given)'}; "
+            f"pick from {','.join(SECTIONS)}"
+        )
+    return [s for s in SECTIONS if s in chosen]
+
+
+def _check_machine(sections: list[str]) -> None:
+    if not LAB_SECTIONS & set(sections):
+        return
+    if os.geteuid() != 0:
+        raise ConfigError(
+            "the tunnel, latency and setup benchmarks build network namespaces and need "
+            "root; run as root, or pass --only dc"
+        )
+    needed = {"ip": "iproute2", "ping": "iputils-ping"}
+    if {"tunnel", "latency"} & set(sections):
+        needed |= {"iperf3": "iperf3", "openvpn": "openvpn"}
+    missing = sorted({pkg for tool, pkg in needed.items() if shutil.which(tool) is None})
+    if missing:
+        raise ConfigError(
+            f"missing tools: install them with `apt-get install {' '.join(missing)}` "
+            "(`make bench` does this)"
+        )
+
+
+def _progress(text: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
+def _interrupt(signum: int, _frame: FrameType | None) -> None:
+    # SIGTERM/SIGHUP take the same way out as Ctrl-C: through every `finally`.
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def run(args: argparse.Namespace) -> int:
+    sections = parse_only(args.only)
+    _check_machine(sections)
+    plan = Plan.make(args.quick)
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = args.out or Path("results") / f"bench-{stamp}.json"
+    doc: dict[str, Any] = {
+        "schema": "ntm-bench/1",
+        "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "options": {**asdict(plan), "sections": sections, "profile": args.profile},
+        "machine": procstat.machine_info(),
+        "errors": [],
+    }
+    work = Path(tempfile.mkdtemp(prefix="ntmb-"))
+    # SIGINT too: a shell may start us with it ignored, and Ctrl-C must still clean up.
+    catch = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    old = {s: signal.signal(s, _interrupt) for s in catch}
+    started = time.monotonic()
+    interrupted = False
+    try:
+        if LAB_SECTIONS & set(sections):
+            _lab_sections(doc, work, plan, sections, args.profile, out)
+        if "dc" in sections:
+            _dc_section(doc, work, plan)
+    except KeyboardInterrupt:
+        interrupted = True
+        doc["interrupted"] = True
+        _progress("interrupted: cleaning up")
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+    doc["duration_s"] = round(time.monotonic() - started, 1)
+    doc["finished"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    doc["goals"] = report.goals(doc)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=2) + "\n")
+    print(report.render(doc))
+    print(f"\nJSON: {out}  ({doc['duration_s']} s)")
+    broke = interrupted or bool(doc["errors"])
+    if broke or args.keep_work:
+        print(f"work files (logs, PKI, compose): {work}", file=sys.stderr)
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+    if interrupted:
+        return 130
+    return 1 if doc["errors"] else 0
+
+
+def _error(doc: dict[str, Any], section: str, exc: BaseException) -> None:
+    doc["errors"].append({"section": section, "error": f"{type(exc).__name__}: {exc}"})
+    _progress(f"{section} failed: {exc}")
+
+
+def _nested_errors(doc: dict[str, Any], section: str, result: Any) -> None:
+    """A single failed measurement inside a section (one iperf3 run) counts as an error."""
+    if isinstance(result, dict):
+        failures = [result["error"]] if isinstance(result.get("error"), str) else []
+        failures += [str(e) for e in result.get("failed_rounds", [])]
+        for failure in failures:
+            doc["errors"].append({"section": section, "error": failure})
+            _progress(f"{section} failed: {failure}")
+        for key, value in result.items():
+            _nested_errors(doc, f"{section}/{key}", value)
+
+
+def _dc_section(doc: dict[str, Any], work: Path, plan: Plan) -> None:
+    _progress(f"dc: {plan.dc_nodes:,} nodes in the Coordinator, then QUIC load")
+    try:
+        doc["dc"] = run_dc(work, plan.dc_nodes, plan.dc_plans, plan.dc_seconds)
+    except (RuntimeError, OSError, ValueError, subprocess.TimeoutExpired) as exc:
+        _error(doc, "dc", exc)
+
+
+def _rss_mb(lab: BenchLab, services: list[str]) -> dict[str, float]:
+    return {s: round(procstat.rss_bytes(lab.node_pid(s)) / 1e6, 1) for s in services}
+
+
+def _lab_sections(
+    doc: dict[str, Any], work: Path, plan: Plan, sections: list[str], prof: bool, out: Path
+) -> None:
+    want_tunnel = bool({"tunnel", "latency"} & set(sections)) or prof
+    lab = BenchLab(work, with_direct=want_tunnel)
+    procs = Processes()
+    clients = [NAT_CLIENT, DIRECT_NODE] if want_tunnel else [NAT_CLIENT]
+    try:
+        _progress(f"lab {lab.name} up (state {lab.state})")
+        try:
+            lab.up()
+            for svc in (CN, *clients):
+                lab.wait_registered(svc)
+        except LabFailure as exc:
+            _error(doc, "lab", exc)
+            return
+        time.sleep(1.0)  # let start-up allocations settle before reading RSS "at rest"
+        doc["node_rss"] = {
+            "unit": "MB (10^6 bytes), VmRSS",
+            "at_rest": _rss_mb(lab, [CN, *clients]),
+        }
+        doc["lab"] = {
+            "name": lab.name,
+            "compose": "compose.yaml plus node mnd on `internet` (bench/labctl.py)",
+            "pairs": {
+                "nat": {
+                    "client": NAT_CLIENT,
+                    "server": CN,
+                    "through_nat": True,
+                    "note": "mn1 10.10.1.100 behind nat-a (masquerade) -> cn2 198.51.100.30",
+                },
+                "direct": {
+                    "client": DIRECT_NODE,
+                    "server": CN,
+                    "through_nat": False,
+                    "note": f"{DIRECT_NODE} {DIRECT_ADDRESS} and cn2 on one bridge, no router",
+                },
+            },
+        }
+        if want_tunnel:
+            _tunnel_sections(doc, lab, procs, work, plan, sections, prof, out, clients)
+            doc["node_rss"]["after_load"] = _rss_mb(lab, [CN, *clients])
+        if "setup" in sections:
+            _progress(f"setup: {plan.setup_runs} runs, each restarting {NAT_CLIENT}")
+            try:
+                doc["setup"] = run_setup(lab, NAT_CLIENT, plan.setup_runs, _progress)
+                doc.setdefault("commands", {})["setup_probe"] = shlex.join(probe_argv())
+            except (LabFailure, OSError, subprocess.TimeoutExpired) as exc:
+                _error(doc, "setup", exc)
+    finally:
+        procs.close()
+        _progress(f"lab {lab.name} down")
+        try:
+            lab.down()
+        except LabFailure as exc:
+            _error(doc, "lab down", exc)
+
+
+def _tunnel_sections(
+    doc: dict[str, Any],
+    lab: BenchLab,
+    procs: Processes,
+    work: Path,
+    plan: Plan,
+    sections: list[str],
+    prof: bool,
+    out: Path,
+    clients: list[str],
+) -> None:
+    try:
+        pki = openvpn.make_pki(work / "ovpn-pki")
+        tunnel.start_iperf_server(lab, procs, work)
+    except (LabFailure, OSError, ConfigError) as exc:
+        _error(doc, "tunnel", exc)
+        return
+    mtu = lab.mtu(NAT_CLIENT, "ntm0") or TUN_MTU_DEFAULT
+    settings = tunnel.Settings(
+        plan.iperf_seconds, plan.iperf_rounds, plan.pings, plan.ping_interval, mtu - 28
+    )
+    doc["mtu"] = {
+        "ntm_tun": mtu,
+        "openvpn_tun": mtu,
+        "plain_veth": lab.mtu(NAT_CLIENT, "access-a"),
+        "udp_payload": settings.udp_len,
+        "note": "both tunnels carry the same inner MTU; TCP MSS follows it; plain is the veth "
+        "path with the kernel's offloads (the limit)",
+    }
+    iperf_tcp = [
+        "iperf3",
+        "-c",
+        "DEST",
+        "-p",
+        str(tunnel.IPERF_PORT),
+        "-t",
+        str(plan.iperf_seconds),
+    ]
+    commands: dict[str, Any] = doc.setdefault("commands", {})
+    commands.update(
+        {
+            "iperf3_server": f"ip netns exec <lab>-{CN} iperf3 -s -p {tunnel.IPERF_PORT}",
+            "iperf3_tcp": "ip netns exec <client> " + shlex.join([*iperf_tcp, "-J"]),
+            "iperf3_udp": "ip netns exec <client> "
+            + shlex.join([*iperf_tcp, "-J", "-u", "-b", "0", "-l", str(settings.udp_len)]),
+            "ping": "ip netns exec <client> "
+            + shlex.join(
+                [
+                    "ping",
+                    "-n",
+                    "-i",
+                    str(plan.ping_interval),
+                    "-c",
+                    str(plan.pings),
+                    "-W",
+                    "1",
+                    "DEST",
+                ]
+            ),
+            "tunnel_setup": f"ip netns exec <client> ntm lab dnsprobe {tunnel.MARKED_NAME}",
+            "openvpn": {},
+        }
+    )
+    cn_pid = lab.node_pid(CN)
+    for index, client in enumerate(clients):
+        key = "nat" if client == NAT_CLIENT else "direct"
+        pair = tunnel.Pair(key, client, key == "nat", doc["lab"]["pairs"][key]["note"])
+        link: tunnel.OvpnLink | None = None
+        try:
+            _progress(f"{key}: OpenVPN {client} <-> {CN}, tunnel via {tunnel.MARKED_NAME}")
+            # OpenVPN first: whatever it does to the namespaces is done before our path exists.
+            link = tunnel.start_openvpn(lab, procs, work, pki, client, index, mtu)
+            vip = tunnel.tunnel_to_cn(lab, client)
+            commands["openvpn"][key] = {
+                "server": f"ip netns exec <lab>-{CN} " + shlex.join(link.argv["server"]),
+                "client": f"ip netns exec <lab>-{client} " + shlex.join(link.argv["client"]),
+                "ip_server": link.argv.get("ip_server", []),
+                "ip_client": link.argv.get("ip_client", []),
+                "cipher": openvpn.negotiated_cipher(link.client_log.read_text(errors="replace")),
+            }
+            paths: dict[str, Any] = {"before": tunnel.path_summary(lab, client)}
+            doc["lab"]["pairs"][key]["ntm_paths"] = paths
+            pair.targets = {"plain": CN_ADDRESS, "ntm": vip, "openvpn": link.pair.server_ip}
+            pair.tunnel_pids = {
+                "plain": [],
+                "ntm": [lab.node_pid(client), cn_pid],
+                "openvpn": [link.client.pid, link.server.pid],
+            }
+            if "tunnel" in sections:
+                _progress(
+                    f"{key}: iperf3 TCP and UDP, {plan.iperf_rounds} x {plan.iperf_seconds} s "
+                    "per path"
+                )
+                doc.setdefault("tunnel", {})[key] = tunnel.throughput(lab, pair, settings)
+                _nested_errors(doc, f"tunnel/{key}", doc["tunnel"][key])
+            if "latency" in sections:
+                _progress(f"{key}: ping x {plan.pings} per path")
+                doc.setdefault("latency", {})[key] = tunnel.latency(lab, pair, settings)
+                _nested_errors(doc, f"latency/{key}", doc["latency"][key])
+            # A path rebuilt mid-test (re-registration, address change) shows up here.
+            paths["after"] = tunnel.path_summary(lab, client)
+            if prof and key == "nat":
+                _progress(f"profile: py-spy on both nodes, {plan.profile_seconds} s of TCP")
+                doc["profile"] = _profile(lab, pair, plan.profile_seconds, out)
+                _nested_errors(doc, "profile", doc["profile"])
+        except (LabFailure, IperfError, OSError, subprocess.TimeoutExpired) as exc:
+            _error(doc, f"tunnel/{key}", exc)
+        finally:
+            if link is not None:
+                procs.stop(link.client)
+                procs.stop(link.server)
+
+
+def _profile(lab: BenchLab, pair: tunnel.Pair, seconds: int, out: Path) -> dict[str, Any]:
+    """py-spy on both tunnel ends while iperf3 pushes TCP through the tunnel."""
+    argv = ["iperf3", "-c", pair.targets["ntm"], "-p", str(tunnel.IPERF_PORT)]
+    argv += ["-t", str(seconds + 2), "-J"]
+    load = subprocess.Popen(
+        in_ns(lab.ns(pair.client), argv), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+    )
+    result: dict[str, Any] = {"tool": "py-spy record --nonblocking --format raw --rate 250"}
+    try:
+        time.sleep(1.0)  # past TCP slow start
+        files = {
+            name: out.with_name(f"{out.stem}-profile-{name}.txt") for name in (pair.client, CN)
+        }
+        files[pair.client].parent.mkdir(parents=True, exist_ok=True)
+        spies = {
+            name: profile.record(lab.node_pid(name), seconds, path) for name, path in files.items()
+        }
+        for name, spy in spies.items():
+            _, err = spy.communicate(timeout=seconds + 60)
+            text = files[name].read_text() if files[name].exists() else ""
+            result[name] = {"raw": str(files[name]), **profile.top_frames(text)}
+            if not text:
+                result[name]["error"] = err.decode(errors="replace")[-500:]
+        stdout, _ = load.communicate(timeout=seconds + 30)
+        result["iperf3_tcp_mbps_while_sampled"] = round(
+            parse_iperf3(json.loads(stdout)).mbps_received, 1
+        )
+    except (OSError, ValueError, IperfError, subprocess.TimeoutExpired) as exc:
+        result["error"] = f"{type(exc).__name__}: {exc}"
+    finally:
+        if load.poll() is None:
+            load.kill()
+            load.wait()
+    return result

@@ -1,0 +1,259 @@
+"""The short table on stdout and the goal checks, from the result document alone.
+
+Pure functions of the JSON the run writes, so a saved result can be re-rendered and the
+formatting is unit-tested without a lab.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+PAIR_LABEL = {"nat": "MN->CN via NAT", "direct": "MN->CN direct"}
+MB = 1_000_000
+
+
+def num(value: Any, digits: int = 1) -> str:
+    if value is None or isinstance(value, bool) or not isinstance(value, int | float):
+        return "-"
+    return f"{value:,.{digits}f}"
+
+
+def times(value: Any) -> str:
+    return "-" if not isinstance(value, int | float) else f"{value:.2f}x"
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """Columns padded to their widest cell: the first left-aligned, the rest right-aligned."""
+    widths = [len(h) for h in headers]
+    for row in rows:
+        for i, cell in enumerate(row):
+            widths[i] = max(widths[i], len(cell))
+
+    def line(cells: Sequence[str]) -> str:
+        parts = [cells[0].ljust(widths[0])]
+        parts += [c.rjust(w) for c, w in zip(cells[1:], widths[1:], strict=True)]
+        return "  ".join(parts).rstrip()
+
+    return [line(headers), *(line(r) for r in rows)]
+
+
+def _get(doc: Mapping[str, Any], *keys: str) -> Any:
+    node: Any = doc
+    for key in keys:
+        if not isinstance(node, Mapping):
+            return None
+        node = node.get(key)
+    return node
+
+
+def _check(goal: str, target: str, measured: str, met: bool | None) -> dict[str, Any]:
+    return {"goal": goal, "target": target, "measured": measured, "met": met}
+
+
+def _best_quic_level(doc: Mapping[str, Any]) -> tuple[str, Mapping[str, Any]] | None:
+    """The QUIC load level where the DC did the most Direction Requests per CPU-second.
+
+    Requests per second of the DC's own CPU time is its one-core capacity, and unlike
+    requests per wall second it does not drop when other work on the machine steals the core.
+    """
+    levels = [
+        (level, found)
+        for level in (_get(doc, "dc", "quic", "loads") or {})
+        if isinstance(found := _get(doc, "dc", "quic", level, "directions"), Mapping)
+        and isinstance(found.get("per_server_cpu_s"), int | float)
+    ]
+    return max(levels, key=lambda item: item[1]["per_server_cpu_s"]) if levels else None
+
+
+def goals(doc: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Issue 7's goals against this run; `met` is None when the figure is missing."""
+    out: list[dict[str, Any]] = []
+    for key in ("nat", "direct"):
+        r = _get(doc, "tunnel", key, "tcp", "ratios", "ntm/openvpn")
+        if _get(doc, "tunnel", key) is not None:
+            out.append(
+                _check(
+                    f"TCP throughput vs OpenVPN ({key})",
+                    ">= 1.50x",
+                    times(r),
+                    None if r is None else r >= 1.5,
+                )
+            )
+        ours, theirs = (_get(doc, "latency", key, p, "p50") for p in ("ntm", "openvpn"))
+        if _get(doc, "latency", key) is not None:
+            met = None if ours is None or theirs is None else ours <= theirs
+            out.append(
+                _check(
+                    f"RTT p50 no worse than OpenVPN ({key})",
+                    f"<= {num(theirs, 3)} ms",
+                    f"{num(ours, 3)} ms",
+                    met,
+                )
+            )
+    best = _best_quic_level(doc)
+    if best is not None:
+        level, quic = best
+        rate = quic.get("per_server_cpu_s")
+        out.append(
+            _check(
+                f"DC Direction Requests per DC CPU-second (QUIC, {level} load)",
+                ">= 5,000/s",
+                f"{num(rate, 0)}/s",
+                None if rate is None else rate >= 5000,
+            )
+        )
+        p99 = _get(quic, "latency_ms", "p99")
+        out.append(
+            _check(
+                f"DC Direction Request p99 (QUIC, {level})",
+                "<= 20 ms",
+                f"{num(p99, 2)} ms",
+                None if p99 is None else p99 <= 20,
+            )
+        )
+    mem = _get(doc, "dc", "coordinator", "memory", "rss_delta_mib")
+    nodes = _get(doc, "dc", "coordinator", "nodes")
+    if mem is not None:
+        out.append(
+            _check(
+                f"DC memory with {num(nodes, 0)} nodes",
+                "<= 1,024 MiB",
+                f"{num(mem)} MiB",
+                mem <= 1024 if nodes and nodes >= 100_000 else None,
+            )
+        )
+    rest = _get(doc, "node_rss", "at_rest")
+    if isinstance(rest, Mapping) and rest:
+        worst = max(rest.values())
+        out.append(
+            _check("node RSS at rest (largest node)", "<= 60 MB", f"{num(worst)} MB", worst <= 60)
+        )
+    return out
+
+
+def mark(met: bool | None) -> str:
+    return "?" if met is None else ("✓" if met else "✗")
+
+
+def render(doc: Mapping[str, Any]) -> str:
+    lines: list[str] = []
+    m = doc.get("machine", {})
+    lines.append(
+        f"ntm bench {'(quick) ' if _get(doc, 'options', 'quick') else ''}"
+        f"on {m.get('nproc', '?')} x {m.get('cpu_model', '?')}, kernel {m.get('kernel', '?')}"
+    )
+    tunnel = doc.get("tunnel") or {}
+    if tunnel:
+        secs, rounds = (_get(doc, "options", k) for k in ("iperf_seconds", "iperf_rounds"))
+        how = f"{secs} s" + (
+            f", median of {rounds} interleaved runs" if rounds and rounds > 1 else ""
+        )
+        lines += ["", f"Throughput, Mbit/s received (iperf3, {how}, MN sends)"]
+        rows = []
+        for key, per in tunnel.items():
+            for proto in ("tcp", "udp"):
+                p = per.get(proto, {})
+                rows.append(
+                    [
+                        f"{PAIR_LABEL.get(key, key)} {proto.upper()}",
+                        *(num(_get(p, path, "mbps_received")) for path in ("plain", "ntm")),
+                        num(_get(p, "openvpn", "mbps_received")),
+                        times(_get(p, "ratios", "ntm/openvpn")),
+                        times(_get(p, "ratios", "ntm/plain")),
+                    ]
+                )
+        lines += table(["path", "plain", "ntm", "openvpn", "ntm/ovpn", "ntm/plain"], rows)
+        rows = [
+            [
+                PAIR_LABEL.get(key, key),
+                num(_get(per, "cpu_s_per_gbit", "ntm"), 2),
+                num(_get(per, "cpu_s_per_gbit", "openvpn"), 2),
+                times(_get(per, "cpu_s_per_gbit", "ratio_ntm/openvpn")),
+            ]
+            for key, per in tunnel.items()
+        ]
+        lines += ["", "CPU seconds per Gbit (TCP test, both tunnel ends)"]
+        lines += table(["path", "ntm", "openvpn", "ntm/ovpn"], rows)
+    lat = doc.get("latency") or {}
+    if lat:
+        lines += ["", f"Round trip, ms (ping x {_get(doc, 'options', 'pings')}): p50 / p99"]
+        rows = []
+        for key, per in lat.items():
+            cells = [
+                f"{num(_get(per, p, 'p50'), 3)} / {num(_get(per, p, 'p99'), 3)}"
+                for p in ("plain", "ntm", "openvpn")
+            ]
+            rows.append(
+                [PAIR_LABEL.get(key, key), *cells, times(_get(per, "ratios_p50", "ntm/openvpn"))]
+            )
+        lines += table(["path", "plain", "ntm", "openvpn", "p50 ntm/ovpn"], rows)
+    setup = doc.get("setup")
+    if isinstance(setup, Mapping) and "plain" in setup:
+        lines += ["", f"Name to first byte, ms (N={setup.get('runs')}, {setup.get('client')})"]
+        rows = []
+        for kind, label in (
+            ("marked_cold", "marked name, no tunnel yet"),
+            ("marked_warm", "marked name, tunnel up"),
+            ("plain", "plain name"),
+        ):
+            for key, what in (("dns_ms", "DNS answer"), ("first_byte_ms", "first byte")):
+                s = _get(setup, kind, key) or {}
+                rows.append([f"{label}: {what}", num(s.get("p50"), 2), num(s.get("p99"), 2)])
+        lines += table(["", "p50", "p99"], rows)
+        if setup.get("failures"):
+            lines.append(f"  failed runs: {len(setup['failures'])}")
+    dc = doc.get("dc")
+    if isinstance(dc, Mapping) and dc:
+        lines += ["", "DC capacity"]
+        rows = []
+        co = dc.get("coordinator", {})
+        for key, label in (("register", "Coordinator.register"), ("plan", "Coordinator.plan")):
+            s = co.get(key, {})
+            lat_us = s.get("latency_us", {})
+            rows.append(
+                [
+                    f"{label} (in-process)",
+                    num(s.get("per_s"), 0),
+                    f"{num(_get(lat_us, 'p50'), 1)} us",
+                    f"{num(_get(lat_us, 'p99'), 1)} us",
+                    "-",
+                    "-",
+                ]
+            )
+        quic = dc.get("quic", {})
+        for level in quic.get("loads") or {}:
+            load = _get(quic, "loads", level) or {}
+            shape = f"{load.get('connections', '?')}x{load.get('in_flight_per_connection', '?')}"
+            for key, label in (("registrations", "registrations"), ("directions", "Directions")):
+                s = _get(quic, level, key) or {}
+                rows.append(
+                    [
+                        f"{label} (QUIC, {level} {shape})",
+                        num(s.get("per_s"), 0),
+                        f"{num(_get(s, 'latency_ms', 'p50'), 2)} ms",
+                        f"{num(_get(s, 'latency_ms', 'p99'), 2)} ms",
+                        f"{num(s.get('server_cpu_percent'), 0)} %",
+                        num(s.get("per_server_cpu_s"), 0),
+                    ]
+                )
+        lines += table(["operation", "per s", "p50", "p99", "DC CPU", "per DC CPU-s"], rows)
+        mem = co.get("memory", {})
+        if mem:
+            mib, per_node = num(mem.get("rss_delta_mib")), num(mem.get("bytes_per_node"), 0)
+            nodes = num(co.get("nodes"), 0)
+            lines.append(f"  {nodes} registered nodes: {mib} MiB RSS ({per_node} bytes/node)")
+    rss = doc.get("node_rss") or {}
+    if rss.get("at_rest"):
+        parts = [f"{k} {num(v)}" for k, v in rss["at_rest"].items()]
+        lines += ["", "Node RSS at rest, MB: " + ", ".join(parts)]
+    checks = doc.get("goals") or []
+    if checks:
+        lines += ["", "Goals (issue 7)"]
+        rows = [[c["goal"], c["target"], c["measured"], mark(c["met"])] for c in checks]
+        lines += table(["goal", "target", "measured", ""], rows)
+    errors = doc.get("errors") or []
+    if errors:
+        lines += ["", "Errors (these sections did not complete):"]
+        lines += [f"  {e['section']}: {e['error']}" for e in errors]
+    return "\n".join(lines)
