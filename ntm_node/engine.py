@@ -8,7 +8,6 @@ userspace tunnel (see docs/performance.md). All protocol decisions live in ntm_p
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import logging
 import socket
@@ -16,6 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from ntm_io.sockets import big_buffers
 from ntm_proto.crypto import StaticKey
 from ntm_proto.endpoint import TunnelEndpoint
 from ntm_proto.errors import LocalProtocolError
@@ -33,7 +33,6 @@ from ntm_proto.relay_binding import BindingType, RelayBinder
 
 log = logging.getLogger("ntm.engine")
 
-SOCKET_BUFFER = 4 * 1024 * 1024
 MAX_BATCH = 256  # packets handled per wake-up and direction before yielding
 BIND_ACK = bytes([BindingType.BIND_ACK])
 
@@ -87,7 +86,7 @@ class TunnelEngine:
             sock = socket.socket(family, socket.SOCK_DGRAM)
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            _big_buffers(sock)
+            big_buffers(sock)
             sock.setblocking(False)
             try:
                 sock.bind((host, self.port))
@@ -419,12 +418,3 @@ class TunnelEngine:
                 }
             )
         return out
-
-
-def _big_buffers(sock: socket.socket) -> None:
-    for opt, force in ((socket.SO_RCVBUF, 33), (socket.SO_SNDBUF, 32)):  # *BUFFORCE as root
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, force, SOCKET_BUFFER)
-        except OSError:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)

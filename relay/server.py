@@ -28,6 +28,7 @@ from typing import Any
 
 from ntm_io.config import ConfigError
 from ntm_io.control import ControlConnection, ControlServer, serve_control
+from ntm_io.sockets import big_buffers
 from ntm_io.status import serve_status
 from ntm_proto.errors import DecodeError
 from ntm_proto.messages import (
@@ -44,7 +45,6 @@ from .core import RelayCore
 
 log = logging.getLogger("ntm.relay")
 
-SOCKET_BUFFER = 4 * 1024 * 1024
 MAX_BATCH = 256  # datagrams per wake-up before yielding to other sockets and timers
 MAX_DATAGRAM = 65535
 
@@ -254,7 +254,7 @@ def _open_udp(host: str, port: int) -> socket.socket:
     try:
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        _big_buffers(sock)
+        big_buffers(sock)
         sock.setblocking(False)
         sock.bind((host, port))
     except OSError as exc:
@@ -264,15 +264,6 @@ def _open_udp(host: str, port: int) -> socket.socket:
             "port (is another relay running, or the address not on this host?)"
         ) from None
     return sock
-
-
-def _big_buffers(sock: socket.socket) -> None:
-    for opt, force in ((socket.SO_RCVBUF, 33), (socket.SO_SNDBUF, 32)):  # *BUFFORCE as root
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, force, SOCKET_BUFFER)
-        except OSError:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
 
 
 def _endpoint(addr: Any) -> Endpoint:
