@@ -16,11 +16,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 import time
 from typing import Any
 
 from lb_integration.claims import RouteClaim
+from ntm_io.daemon import serve_until_signalled
 from ntm_node.daemon import NodeDaemon
 from ntm_proto.messages import RegistrationResponse
 from ntm_proto.path import PathState
@@ -168,13 +168,4 @@ class AdaptorDaemon(NodeDaemon):
 
 
 async def run(config: AdaptorConfig) -> None:
-    daemon = AdaptorDaemon(config)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await daemon.start()
-        await stop.wait()
-    finally:
-        await daemon.close()
+    await serve_until_signalled(AdaptorDaemon(config))

@@ -7,7 +7,6 @@ pushes Route Directions to responders and encodes answers.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -15,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ntm_io.control import ControlConnection, ControlError, serve_control
+from ntm_io.daemon import serve_until_signalled
 from ntm_io.status import serve_status
 from ntm_proto.errors import DecodeError
 from ntm_proto.messages import (
@@ -326,16 +326,4 @@ class DcServer:
 
 
 async def run(config: DcConfig) -> None:
-    server = DcServer(config)
-    await server.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    import signal
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await stop.wait()
-    finally:
-        with contextlib.suppress(Exception):
-            await server.close()
+    await serve_until_signalled(DcServer(config))

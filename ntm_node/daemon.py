@@ -6,11 +6,11 @@ import asyncio
 import contextlib
 import logging
 import os
-import signal
 import time
 from pathlib import Path
 from typing import Any
 
+from ntm_io.daemon import serve_until_signalled
 from ntm_io.netwatch import AddressSet, AddressWatcher, current_addresses
 from ntm_io.status import serve_status
 from ntm_io.tun import TunDevice
@@ -233,13 +233,4 @@ class NodeDaemon:
 
 
 async def run(config: NodeConfig) -> None:
-    daemon = NodeDaemon(config)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await daemon.start()
-        await stop.wait()
-    finally:
-        await daemon.close()
+    await serve_until_signalled(NodeDaemon(config))

@@ -18,16 +18,15 @@ for the relay's DNS name, and should check `conn.peer_role == "relay"`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import logging
-import signal
 import socket
 import time
 from typing import Any
 
 from ntm_io.config import ConfigError
 from ntm_io.control import ControlConnection, ControlServer, serve_control
+from ntm_io.daemon import serve_until_signalled
 from ntm_io.sockets import big_buffers
 from ntm_io.status import serve_status
 from ntm_proto.errors import DecodeError
@@ -276,17 +275,7 @@ def _fmt(addr: Endpoint) -> str:
 
 
 async def run(config: RelayConfig) -> None:
-    server = RelayServer(config)
-    await server.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await stop.wait()
-    finally:
-        with contextlib.suppress(Exception):
-            await server.close()
+    await serve_until_signalled(RelayServer(config))
 
 
 __all__ = ["RelayServer", "run"]
