@@ -14,6 +14,6 @@ RUN pip install --no-cache-dir -e /app
 ENV NTM_LAB_STATE=/state PYTHONUNBUFFERED=1
 VOLUME /state
 
-# Apply the service's NTM_LAB_ROUTES / NTM_LAB_MASQUERADE, then exec the compose command.
+# Apply the service's NTM_LAB_ROUTES / NTM_LAB_RULES / NTM_LAB_MASQUERADE, then exec the command.
 ENTRYPOINT ["ntm", "lab", "service-init", "--"]
 CMD ["sleep", "infinity"]

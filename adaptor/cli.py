@@ -25,8 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     cfg = adaptor_config.load(args.config)
     if args.check:
+        gateway = f" as gateway {cfg.gateway} (weight {cfg.weight})" if cfg.gateway else ""
         print(
-            f"{args.config}: OK, {cfg.node.fqdn} -> {cfg.lb_address} "
+            f"{args.config}: OK, {cfg.node.fqdn}{gateway} -> {cfg.lb_address} "
             f"({', '.join(map(str, cfg.forward))})"
         )
         return 0

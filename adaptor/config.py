@@ -8,6 +8,9 @@
     forward = ["tcp/80", "udp/9000"]   # inner (our vIP, port) -> (lb_address, port)
     public_addresses = ["198.51.100.60"]
     public_forward = ["tcp/80"]        # (public address, port) -> (lb_address, port)
+    gateway = "ntma1.ntm.example.com"  # one of several gateways of the service ("" = the only one)
+    weight = 100                       # share of new MNs among the gateways; 0 = drain
+    report_interval = 5.0              # seconds between health reports to the DC
 
     [claims]                           # leave out to run without route claims
     agent = "10.30.0.10"               # the LB agent (`ntm lb`, [claims] table there)
@@ -26,6 +29,7 @@ from pathlib import Path
 from ntm_io.config import ConfigError, Section, load_toml, section
 from ntm_node import config as node_config
 from ntm_node.config import NodeConfig
+from ntm_proto.messages import check_fqdn
 
 PROTOCOLS = ("tcp", "udp")
 
@@ -60,6 +64,9 @@ class AdaptorConfig:
     public_forward: tuple[Forward, ...]
     nft_table: str
     claims: ClaimsConfig | None
+    gateway: str = ""  # this gateway's name when several front the service; "" = the only one
+    weight: int = 100  # its share of new MNs (u16); 0 = drain
+    report_interval: float = 5.0  # seconds between GatewayReports (only with a gateway name)
 
     @property
     def name(self) -> str:
@@ -120,6 +127,14 @@ def load(path: str | Path) -> AdaptorConfig:
             "[adaptor] public_forward needs public_addresses (where ordinary clients arrive)"
         )
     table = a.text("nft_table", f"ntm_adaptor_{node.name}")
+    gateway = _gateway(a.text("gateway", ""), node.fqdn)
+    weight = a.integer("weight", 100, 0, 65535)
+    report_interval = a.number("report_interval", 5.0, lo=MIN_REPORT_INTERVAL)
+    if report_interval > MAX_REPORT_INTERVAL:
+        raise ConfigError(
+            f"[adaptor] report_interval = {report_interval} is above {MAX_REPORT_INTERVAL} s; "
+            "the DC's view of this gateway would be stale, use a few seconds"
+        )
     a.check_unknown()
     claims = None
     if "claims" in data:
@@ -149,7 +164,30 @@ def load(path: str | Path) -> AdaptorConfig:
         public_forward=public_forward,
         nft_table=table,
         claims=claims,
+        gateway=gateway,
+        weight=weight,
+        report_interval=report_interval,
     )
+
+
+MIN_REPORT_INTERVAL, MAX_REPORT_INTERVAL = 0.5, 3600.0
+
+
+def _gateway(value: str, service: str) -> str:
+    if not value:
+        return ""
+    name = value.lower().rstrip(".")
+    if why := check_fqdn(name):
+        raise ConfigError(
+            f"[adaptor] gateway = {value!r} is not a valid name: {why}; use this gateway's own "
+            "DNS name from its certificate, like ntma1.ntm.example.com"
+        )
+    if name == service:
+        raise ConfigError(
+            f"[adaptor] gateway = {value!r} is the service name ([node] fqdn); name this "
+            "gateway itself (a second DNS name in its certificate, like ntma1.ntm.example.com)"
+        )
+    return name
 
 
 def _v4(s: Section, key: str, what: str) -> str:

@@ -8,7 +8,10 @@ tunnel engine, status) plus three things:
 - nftables DNAT of inner packets to the LB's virtual service, and of ordinary clients'
   packets to our public address (adaptor/forwarding.py), without SNAT;
 - route claims for every MN vIP with an established tunnel here (adaptor/claims.py), so the
-  LB host's return route for that vIP points at us.
+  LB host's return route for that vIP points at us;
+- as one of several gateways of the service (`[adaptor] gateway`): probes on its tunnels and
+  a GatewayReport to the DC every `report_interval` (tunnels, RTT, jitter, loss;
+  adaptor/quality.py), which the DC's gateway choice uses (dc/gateways.py).
 """
 
 from __future__ import annotations
@@ -16,33 +19,51 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 from typing import Any
 
 from lb_integration.claims import RouteClaim
 from ntm_io.daemon import serve_until_signalled
 from ntm_node.daemon import NodeDaemon
-from ntm_proto.messages import RegistrationResponse
-from ntm_proto.path import PathState
+from ntm_node.dc_client import DirectionError
+from ntm_node.engine import TunnelEngine
+from ntm_proto.messages import GatewayReport, RegistrationResponse
+from ntm_proto.path import PathState, ProbeResult
 
 from . import forwarding
 from .claims import ClaimSender, ClaimTracker
 from .config import AdaptorConfig
+from .quality import ProbeQuality, Quality
 
 log = logging.getLogger("ntm.adaptor")
 
-TICK = 0.25  # seconds between looks at the tunnels (claims follow within this)
+TICK = 0.25  # seconds between looks at the tunnels when nothing changed (expiry, retries)
+PROBE_INTERVAL = 1.0  # seconds between probes on each tunnel, for the gateway report
+MAX_PROBES_PER_ROUND = 256  # with more tunnels, a random sample of them each round
+U32_MAX = 0xFFFFFFFF
 
 
 class AdaptorDaemon(NodeDaemon):
     def __init__(self, config: AdaptorConfig) -> None:
         self.adaptor = config  # before NodeDaemon.__init__, which asks ignored_interfaces()
         super().__init__(config.node)
+        self.dc.gateway = config.gateway
+        self.dc.weight = config.weight
+        self.dc.ordinary_clients = bool(config.public_forward)  # else DNS would send them here
+        self.quality = ProbeQuality(timeout=2.0, window=max(30.0, 3 * config.report_interval))
+        self.last_report: GatewayReport | None = None
+        self.report_error: str | None = None
+        self.report_counters: dict[str, int] = {}
+        if config.gateway:
+            self.engine.probe_listeners.append(self._on_probe)
         self.forwarding_vip: str | None = None
         self.forwarding_error: str | None = None
         self.tracker: ClaimTracker | None = None
         self.sender: ClaimSender | None = None
         self._claim_task: asyncio.Task[Any] | None = None
+        self._paths_changed = asyncio.Event()
+        self.engine.on_path_change = self._paths_changed.set
         if config.claims is not None:
             c = config.claims
             self.tracker = ClaimTracker(config.next_hop, c.lifetime, c.refresh, c.retry)
@@ -57,6 +78,8 @@ class AdaptorDaemon(NodeDaemon):
         await super().start()
         if self.tracker is not None:
             self._claim_task = self._spawn(self._claim_loop())
+        if self.adaptor.gateway:
+            self._spawn(self._report_loop())
         log.info(
             "adaptor %s: %s -> LB %s (%s)",
             self.adaptor.name,
@@ -122,7 +145,11 @@ class AdaptorDaemon(NodeDaemon):
                 raise
             except Exception:
                 log.exception("route claims: unexpected error")
-            await asyncio.sleep(TICK)
+            # A tunnel established or moved wakes us at once: the LB's return route must
+            # follow a gateway switch within the switch time, not within a polling tick.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._paths_changed.wait(), TICK)
+            self._paths_changed.clear()
 
     async def _send_all(self, claims: list[RouteClaim]) -> None:
         assert self.tracker is not None and self.sender is not None
@@ -132,6 +159,55 @@ class AdaptorDaemon(NodeDaemon):
         now = time.monotonic()
         for claim, ack in zip(claims, acks, strict=True):
             self.tracker.result(claim, ack, now)
+
+    # --- gateway reports -----------------------------------------------------------------
+
+    def _on_probe(self, path_id: bytes, result: ProbeResult) -> None:
+        self.quality.answered(path_id, result.seq, result.rtt, time.monotonic())
+
+    def gateway_report(self, tunnels: dict[str, bytes], quality: Quality) -> GatewayReport:
+        return GatewayReport(
+            fqdn=self.config.fqdn,
+            gateway=self.adaptor.gateway,
+            tunnels=min(len(tunnels), U32_MAX),
+            rtt_us=min(quality.rtt_us, U32_MAX),
+            jitter_us=min(quality.jitter_us, U32_MAX),
+            loss_ppm=quality.loss_ppm,
+        )
+
+    async def _report_loop(self) -> None:
+        interval = self.adaptor.report_interval
+        next_report = time.monotonic()
+        while True:
+            try:
+                now = time.monotonic()
+                tunnels = self.tunnels()
+                send_probes(self.engine, self.quality, list(tunnels.values()), now)
+                if now >= next_report and self.dc.registered.is_set():
+                    next_report = now + interval
+                    self.quality.forget(set(tunnels.values()))
+                    await self._send_report(
+                        self.gateway_report(tunnels, self.quality.snapshot(now))
+                    )
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("gateway report: unexpected error")
+            await asyncio.sleep(min(PROBE_INTERVAL, interval))
+
+    async def _send_report(self, report: GatewayReport) -> None:
+        try:
+            await self.dc.report(report)
+        except DirectionError as exc:
+            key = "refused" if exc.code is not None else "errors"
+            self.report_counters[key] = self.report_counters.get(key, 0) + 1
+            if str(exc) != self.report_error:
+                log.warning("gateway report to the DC failed: %s", exc)
+            self.report_error = str(exc)
+            return
+        self.report_counters["sent"] = self.report_counters.get("sent", 0) + 1
+        self.report_error = None
+        self.last_report = report
 
     # --- status --------------------------------------------------------------------------
 
@@ -163,8 +239,48 @@ class AdaptorDaemon(NodeDaemon):
             "forwarding_error": self.forwarding_error,
             "nft_counters": forwarding.counters(cfg) if self.forwarding_vip else {},
             "claims": claims,
+            "gateway": self._gateway_status(),
         }
         return doc
+
+    def _gateway_status(self) -> dict[str, Any] | None:
+        if not self.adaptor.gateway:
+            return None
+        r = self.last_report
+        return {
+            "name": self.adaptor.gateway,
+            "weight": self.adaptor.weight,
+            "report_interval": self.adaptor.report_interval,
+            "last_report": None
+            if r is None
+            else {
+                "tunnels": r.tunnels,
+                "rtt_us": r.rtt_us,
+                "jitter_us": r.jitter_us,
+                "loss_ppm": r.loss_ppm,
+            },
+            "last_error": self.report_error,
+            "counters": dict(self.report_counters),
+        }
+
+
+def send_probes(
+    engine: TunnelEngine, quality: ProbeQuality, path_ids: list[bytes], now: float
+) -> int:
+    """One probe on each of these tunnels (a random sample when there are many), recorded
+    in `quality`; their answers come back through the engine's probe listeners."""
+    if len(path_ids) > MAX_PROBES_PER_ROUND:
+        path_ids = random.sample(path_ids, MAX_PROBES_PER_ROUND)
+    paths = {p.path_id: p for p in engine.endpoint.paths}
+    sent = 0
+    for path_id in path_ids:
+        path = paths.get(path_id)
+        seq = path.send_probe(now) if path is not None else None
+        if seq is not None:
+            quality.sent(path_id, seq, now)
+            sent += 1
+    engine.flush()
+    return sent
 
 
 async def run(config: AdaptorConfig) -> None:

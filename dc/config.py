@@ -50,6 +50,8 @@ class DcConfig:
     tls: TlsConfig
     federation: FederationConfig | None
     relays: tuple[RelaySpec, ...] = ()
+    # seconds a (re)connected gateway waits before it gets MNs again (dc/gateways.py)
+    gateway_hold_down: float = 30.0
 
 
 def load(path: str | Path) -> DcConfig:
@@ -82,6 +84,7 @@ def load(path: str | Path) -> DcConfig:
         registration_lifetime=dc.integer("registration_lifetime", 300, 10, 86400),
         status_socket=dc.text("status_socket", f"/run/ntm/dc-{name}.sock"),
         state_file=dc.opt_text("state_file"),
+        gateway_hold_down=_hold_down(dc),
         tls=TlsConfig(ca=tls.text("ca"), cert=tls.text("cert"), key=tls.text("key")),
         federation=None
         if "federation" not in data
@@ -102,6 +105,16 @@ def load(path: str | Path) -> DcConfig:
                 "(see README: PKI)"
             )
     return cfg
+
+
+def _hold_down(dc: Section) -> float:
+    value = dc.number("gateway_hold_down", 30.0)
+    if value < 0:
+        raise ConfigError(
+            f"[dc] gateway_hold_down = {value} is negative; give the seconds a recovered "
+            "gateway must stay connected before it gets MNs back (0 turns the hold-down off)"
+        )
+    return float(value)
 
 
 def _fqdn(value: str, key: str) -> str:

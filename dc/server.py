@@ -21,6 +21,7 @@ from ntm_proto.messages import (
     DirectionRequest,
     ErrorCode,
     ErrorMessage,
+    GatewayReport,
     Message,
     NodeInformationRequest,
     RegistrationRequest,
@@ -38,12 +39,16 @@ from .coordinator import Coordinator, DirectionPlan, Federate, relayed, view_of
 from .dns_server import serve_zone
 from .dns_zone import NtmZone
 from .federation import Federation
+from .gateways import effective_weight, fresh_health, hold_down_left
 from .registry import Registry
 from .relays import RelayPool
 
 log = logging.getLogger("ntm.dc")
 
 PUSH_TIMEOUT = 3.0  # how long the responder gets to acknowledge a Route Direction
+# All tries through several gateways stay within the node's 5 s request timeout.
+DIRECTION_BUDGET = 4.5
+MIN_TRY = 0.5  # below this much budget left, another gateway is not tried
 
 
 class DcServer:
@@ -54,7 +59,11 @@ class DcServer:
             pool.restore(json.loads(Path(config.state_file).read_text()).get("vips", {}))
         self.registry = Registry(pool, config.registration_lifetime)
         self.coordinator = Coordinator(
-            config.zone, self.registry, config.vip_route, federation=config.federation is not None
+            config.zone,
+            self.registry,
+            config.vip_route,
+            federation=config.federation is not None,
+            gateway_hold_down=config.gateway_hold_down,
         )
         self.federation = (
             Federation(
@@ -68,8 +77,8 @@ class DcServer:
         )
         self.relays = RelayPool(config.relays, config.tls, on_down=self._relay_down)
         self.coordinator.relays_available = self.relays.any_healthy
-        # relayed paths of our own nodes: path id -> (relay, requester, responder)
-        self._relayed: dict[bytes, tuple[str, str, str]] = {}
+        # relayed paths of our own nodes: path id -> (relay, requester, responder, gateway)
+        self._relayed: dict[bytes, tuple[str, str, str, str]] = {}
         self.counters: dict[str, int] = {}
         self.started = time.monotonic()
         self._closers: list[Any] = []
@@ -129,8 +138,7 @@ class DcServer:
         task.add_done_callback(self._tasks.discard)
 
     def _zone_lookup(self, fqdn: str) -> list[str]:
-        record = self.registry.lookup(fqdn)
-        return record.public_addresses() if record else []
+        return self.registry.addresses(fqdn)
 
     def _on_close(self, conn: ControlConnection) -> None:
         self.registry.disconnected(conn)
@@ -138,8 +146,10 @@ class DcServer:
     async def _housekeeping(self) -> None:
         while True:
             await asyncio.sleep(5.0)
-            for fqdn in self.registry.expire(time.monotonic()):
-                log.info("registration of %s expired", fqdn)
+            now = time.monotonic()
+            for label in self.registry.expire(now):
+                log.info("registration of %s expired", label)
+            self.coordinator.forget_assignments(now)
 
     def _save_state(self) -> None:
         if self.config.state_file:
@@ -173,21 +183,26 @@ class DcServer:
                 self._save_state()
             return answer
         if isinstance(msg, DirectionRequest):
-            plan = self.coordinator.plan(conn.peer_names, msg, conn)
+            plan = self.coordinator.plan(conn.peer_names, msg, conn, now)
             if isinstance(plan, ErrorMessage):
                 return plan
             if isinstance(plan, Federate):
-                return await self._federate(plan, msg.target)
-            return await self._direct(plan)
+                return await self._federate(plan, msg.target, msg.gateway)
+            return await self._direct_any(plan)
         if isinstance(msg, NodeInformationRequest):
             remote = self.coordinator.plan_remote(conn.peer_names, conn.peer_role, msg, now)
             if isinstance(remote, ErrorMessage):
                 return remote
-            return await self._direct(remote)
+            return await self._direct_any(remote)
+        if isinstance(msg, GatewayReport):
+            ack = self.coordinator.report(conn.peer_names, msg, conn, now)
+            if isinstance(ack, ErrorMessage):
+                log.warning("refused a report from %s: %s", conn.peer_address, ack.reason)
+            return ack
         self._count("unexpected")
         return ErrorMessage(ErrorCode.UNEXPECTED, f"{type(msg).__name__} is not a request to a DC")
 
-    async def _federate(self, plan: Federate, target: str) -> Message:
+    async def _federate(self, plan: Federate, target: str, gateway: str) -> Message:
         """Ask the target zone's DC; it directs its node and answers with our node's RD."""
         assert self.federation is not None
         view = view_of(plan.requester)
@@ -201,6 +216,7 @@ class DcServer:
             source_families=(1 if 4 in view.families else 0) | (2 if 6 in view.families else 0),
             source_behind_nat=view.behind_nat,
             source_seen=plan.requester.seen,
+            gateway=gateway,
         )
         answer = await self.federation.ask(plan.zone, request)
         if not isinstance(answer, (RouteDirection, ErrorMessage)):
@@ -209,7 +225,30 @@ class DcServer:
             )
         return answer
 
-    async def _direct(self, plan: DirectionPlan) -> Message:
+    async def _direct_any(self, plan: DirectionPlan) -> Message:
+        """`_direct`; when the DC chose the gateway and it does not take the path, through
+        the next usable one (each gateway is tried once)."""
+        failed: frozenset[str] = frozenset()
+        deadline = time.monotonic() + DIRECTION_BUDGET
+        while True:
+            answer = await self._direct(plan, min(PUSH_TIMEOUT, deadline - time.monotonic()))
+            if not isinstance(answer, ErrorMessage):
+                return answer
+            failed |= {plan.to_responder.gateway}
+            now = time.monotonic()
+            retry = self.coordinator.without_gateway(plan, failed, now)
+            if not isinstance(retry, DirectionPlan) or deadline - now < MIN_TRY:
+                return answer
+            self._count("gateway_retries")
+            log.info(
+                "gateway %s of %s did not take the path; trying %s",
+                plan.to_responder.gateway,
+                plan.responder.fqdn,
+                retry.to_responder.gateway,
+            )
+            plan = retry
+
+    async def _direct(self, plan: DirectionPlan, timeout: float = PUSH_TIMEOUT) -> Message:
         """Tell the relay (if any) and the responder first, so both know the path before
         the first tunnel packet; then answer the requester."""
         if plan.kind is RouteKind.RELAY:
@@ -218,27 +257,32 @@ class DcServer:
                 return routed
             plan = routed
         responder_conn = plan.responder.handle
-        assert isinstance(responder_conn, ControlConnection)
+        if not isinstance(responder_conn, ControlConnection):  # it left while we waited
+            self._count("push_failed")
+            return ErrorMessage(
+                ErrorCode.PEER_UNREACHABLE, f"{plan.responder.label} has no live control connection"
+            )
         try:
-            raw = await responder_conn.request(encode(plan.to_responder), PUSH_TIMEOUT)
+            raw = await responder_conn.request(encode(plan.to_responder), timeout)
             ack = decode(raw)
         except (TimeoutError, ControlError, DecodeError) as exc:
             self._count("push_failed")
             log.warning(
                 "path %s: %s did not take the Route Direction: %s",
                 plan.path_id.hex(),
-                plan.responder.fqdn,
+                plan.responder.label,
                 exc,
             )
             return ErrorMessage(
-                ErrorCode.PEER_UNREACHABLE, f"{plan.responder.fqdn} did not answer its DC"
+                ErrorCode.PEER_UNREACHABLE, f"{plan.responder.label} did not answer its DC"
             )
         if not (isinstance(ack, RouteDirectionAck) and ack.path_id == plan.path_id):
             self._count("push_refused")
             reason = ack.reason if isinstance(ack, ErrorMessage) else type(ack).__name__
             return ErrorMessage(
-                ErrorCode.PEER_UNREACHABLE, f"{plan.responder.fqdn} refused the path: {reason}"
+                ErrorCode.PEER_UNREACHABLE, f"{plan.responder.label} refused the path: {reason}"
             )
+        self.coordinator.assigned(plan, time.monotonic())
         return plan.to_requester
 
     async def _through_relay(
@@ -254,6 +298,7 @@ class DcServer:
                     relay.spec.name,
                     plan.requester.fqdn,
                     plan.responder.fqdn,
+                    plan.to_responder.gateway,
                 )
                 self._count("relayed_paths")
                 log.info("path %s through relay %s", plan.path_id.hex(), relay.spec.name)
@@ -271,17 +316,17 @@ class DcServer:
     async def _reroute(self, dead: str) -> None:
         """A relay died: give each of its paths a new relayed path through another one,
         pushed to both ends (they switch when the new path is up; the vIPs do not change)."""
-        for path_id, (name, req, resp) in list(self._relayed.items()):
+        for path_id, (name, req, resp, gateway) in list(self._relayed.items()):
             if name != dead:
                 continue
             del self._relayed[path_id]
             requester, responder = self.registry.lookup(req), self.registry.lookup(resp)
             if requester is None or responder is None or requester.handle is None:
                 continue
-            plan = self.coordinator.replan(requester, resp)
+            plan = self.coordinator.replan(requester, resp, time.monotonic(), gateway)
             if not isinstance(plan, DirectionPlan):
                 continue
-            answer = await self._direct(plan)
+            answer = await self._direct_any(plan)
             if not isinstance(answer, RouteDirection):
                 log.warning("path %s: no new route after relay %s died", path_id.hex(), dead)
                 continue
@@ -305,6 +350,7 @@ class DcServer:
             "nodes": [
                 {
                     "fqdn": r.fqdn,
+                    "gateway": r.gateway,
                     "vip": r.vip,
                     "seen": list(r.seen),
                     "reported": [list(ep) for ep in r.reported],
@@ -313,6 +359,7 @@ class DcServer:
                 }
                 for r in self.registry.records()
             ],
+            "services": self._services_status(time.monotonic()),
             "relays": self.relays.status(),
             "counters": {
                 **self.counters,
@@ -323,6 +370,35 @@ class DcServer:
                 },
             },
         }
+
+    def _services_status(self, now: float) -> dict[str, Any]:
+        """Multi-gateway services: each gateway's weight, state, latest report, MNs sent."""
+        hold_down = self.coordinator.gateway_hold_down
+        out: dict[str, Any] = {}
+        for service in sorted({r.fqdn for r in self.registry.records() if r.gateway}):
+            counts = self.coordinator.assignment_counts(service)
+            rows = []
+            for r in self.registry.gateways(service):
+                gw = r.as_gateway()
+                health = fresh_health(gw, now)
+                rows.append(
+                    {
+                        "gateway": r.gateway,
+                        "weight": r.weight,
+                        "effective_weight": round(effective_weight(gw, now), 2),
+                        "connected": gw.connected,
+                        "hold_down_left": round(hold_down_left(gw, now, hold_down), 1),
+                        "public_addresses": r.public_addresses(),
+                        "tunnels": health.tunnels if health else None,
+                        "rtt_us": health.rtt_us if health else None,
+                        "jitter_us": health.jitter_us if health else None,
+                        "loss_ppm": health.loss_ppm if health else None,
+                        "report_age": round(now - r.health.at, 1) if r.health else None,
+                        "assignments": counts.get(r.gateway, 0),
+                    }
+                )
+            out[service] = {"vip": self.registry.pool.lookup(service), "gateways": rows}
+        return out
 
 
 async def run(config: DcConfig) -> None:

@@ -11,7 +11,18 @@ from pathlib import Path
 from lab import names
 from lab.errors import LabError
 
-VERBS_NEEDING_LAB = ("up", "down", "status", "exec", "move", "kill", "start", "logs")
+VERBS_NEEDING_LAB = (
+    "up",
+    "down",
+    "status",
+    "exec",
+    "move",
+    "kill",
+    "start",
+    "logs",
+    "link",
+    "impair",
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,13 +63,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         p = sub.add_parser(verb, parents=[lab], help=text)
         p.add_argument("service")
     p.add_argument("--tail", "-n", type=int, default=0, help="only the last N lines")
+    p = sub.add_parser(
+        "link", parents=[lab], help="pull (down) or plug (up) a service's cable on a network"
+    )
+    p.add_argument("service")
+    p.add_argument("network")
+    p.add_argument("updown", choices=("down", "up"), metavar="down|up")
+    p = sub.add_parser(
+        "impair", parents=[lab], help="random loss on a network (both directions, nftables)"
+    )
+    p.add_argument("network")
+    p.add_argument(
+        "--loss",
+        type=float,
+        metavar="PCT",
+        help="drop each frame crossing the network with this probability (0 removes it); "
+        "without it, print the loss and the frames seen/dropped as JSON",
+    )
 
     p = sub.add_parser(
         "demo", parents=[lab], help="bring the lab up, run the narrated scenario, tear down"
     )
     p.add_argument("--file", "-f", type=Path, default=Path("compose.yaml"), help="compose file")
 
-    p = sub.add_parser("service-init", help="apply NTM_LAB_ROUTES/NTM_LAB_MASQUERADE, exec CMD")
+    p = sub.add_parser("service-init", help="apply NTM_LAB_ROUTES/_RULES/_MASQUERADE, exec CMD")
     p.add_argument("cmd", nargs=argparse.REMAINDER)
     p = sub.add_parser("run-all", help="run several commands as one service")
     p.add_argument("cmd", nargs=argparse.REMAINDER, help='-- "CMD1 ..." "CMD2 ..."')
@@ -164,6 +192,20 @@ def _lab_verb(verb: str, args: argparse.Namespace, state_dir: Path) -> int:
     elif verb == "start":
         pid = runner.start(args.name, state_dir, args.service)
         print(f"{args.service} started (pid {pid})")
+    elif verb == "link":
+        from lab import faults
+
+        faults.link(args.name, state_dir, args.service, args.network, args.updown == "up")
+        print(f"{args.service} {args.network}: link {args.updown}")
+    elif verb == "impair":
+        from lab import faults
+
+        report = faults.impair(args.name, state_dir, args.network, args.loss)
+        if args.loss is None:
+            print(json.dumps(report, indent=2))
+        else:
+            loss = report["loss"]
+            print(f"{args.network}: " + (f"{loss:g} % loss each way" if loss else "no loss"))
     elif verb == "logs":
         from lab.state import require_state
 

@@ -59,5 +59,15 @@ def hub_port_name(service: str, network: str) -> str:
     return "v" + _short_hash(f"{service}/{network}")
 
 
+def network_group(network: str) -> int:
+    """The link group of a network's hub ports: what nftables matches a network by.
+
+    The kernel here lacks `meta ibrname`, so per-network rules in the hub's bridge family
+    match `iifgroup`; every port joins its network's group when it is created, so ports added
+    later (by `move`) are covered without touching the rules. Never 0 (the default group).
+    """
+    return 1 + int(_short_hash(network)[:7], 16)
+
+
 def _short_hash(text: str) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:10]

@@ -90,11 +90,29 @@ def attach(hub: str, ns: str, service: str, att: Attachment) -> None:
     port = names.hub_port_name(service, att.network)
     ifname = names.service_ifname(att.network)
     ip("-n", hub, "link", "add", port, "type", "veth", "peer", "name", ifname, "netns", ns)
-    ip("-n", hub, "link", "set", port, "master", names.bridge_name(att.network), "up")
+    bridge = names.bridge_name(att.network)
+    group = str(names.network_group(att.network))
+    ip("-n", hub, "link", "set", port, "master", bridge, "group", group, "up")
     for addr in att.addresses:
         extra = ["nodad"] if ":" in addr else []  # usable at once, no 1-2 s DAD wait
         ip("-n", ns, "addr", "add", addr, "dev", ifname, *extra)
     ip("-n", ns, "link", "set", ifname, "up")
+
+
+def set_link(hub: str, service: str, network: str, up: bool) -> None:
+    """Pull or plug the cable: the hub end goes down (the service sees its carrier go) or up.
+
+    The service keeps its interface, addresses and routes, like a host whose cable is pulled.
+    """
+    port = names.hub_port_name(service, network)
+    ip("-n", hub, "link", "set", port, "up" if up else "down")
+
+
+def hub_ports_up(hub: str) -> dict[str, bool]:
+    """Every veth end in the hub (by name) and whether it is up (`ntm lab link` state)."""
+    out = ip("-n", hub, "-j", "link", "show", "type", "veth", check=False).strip()
+    links: list[dict[str, Any]] = json.loads(out or "[]")
+    return {str(link["ifname"]): "UP" in link.get("flags", []) for link in links}
 
 
 def detach(ns: str, network: str) -> None:

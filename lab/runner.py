@@ -1,4 +1,4 @@
-"""The lab's verbs: up, down, status, move, kill, start."""
+"""The lab's verbs: up, down, status, move, kill, start (link and impair: lab.faults)."""
 
 from __future__ import annotations
 
@@ -161,21 +161,27 @@ def _readable_state(state_dir: Path, name: str) -> LabState | None:
 
 
 def status(name: str, state_dir: Path) -> dict[str, Any]:
+    from lab import faults  # it uses load_lab_project from here
+
     names.check_lab_name(name)
     state = load_state(state_dir, name)
     present = set(netns.lab_namespaces(name)) if os.geteuid() == 0 else set()
     report: dict[str, Any] = {"name": name, "state": str(state_dir), "up": state is not None}
     services: dict[str, Any] = {}
+    hub_there = state is not None and state.hub in present
+    links = faults.link_states(state) if state and hub_there else {}
     for svc_name, ss in (state.services if state else {}).items():
         services[svc_name] = {
             "namespace": ss.namespace,
             "pid": ss.pid,
             "alive": _running(ss),
             "networks": ss.networks,
+            "links": links.get(svc_name, {}),
             "addresses": netns.addresses(ss.namespace) if ss.namespace in present else {},
             "log": str(state.log_path(svc_name)) if state else None,
         }
     report["services"] = services
+    report["impairments"] = faults.impairments(state) if state and hub_there else {}
     tracked = {s.namespace for s in state.services.values()} | {state.hub} if state else set()
     report["untracked_namespaces"] = sorted(present - tracked)
     return report

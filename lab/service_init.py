@@ -7,7 +7,12 @@ the netns runner (which applies it inside the service's namespace at `up`) and i
   NTM_LAB_ROUTES      `ip route` arguments separated by `;`, e.g.
                       "default via 10.10.1.1; -6 default via 2001:db8:b::1"
                       (leading options such as -6 go before `route`; `replace` makes it
-                      idempotent, so a restarted container does not fail on existing routes)
+                      idempotent, so a restarted container does not fail on existing routes;
+                      `table N` and multipath `nexthop via A weight W nexthop via B` pass through)
+  NTM_LAB_RULES       `ip rule` arguments separated by `;`, e.g.
+                      "from 192.0.2.10 lookup 101; -6 from 2001:db8:201::10 lookup 101"
+                      (policy routing; applied after the routes, each as `del` then `add`,
+                      since `ip rule` has no `replace`)
   NTM_LAB_MASQUERADE  source CIDRs (separated by spaces, commas or `;`) masqueraded by nftables
                       when leaving toward any other destination
 
@@ -28,6 +33,7 @@ from dataclasses import dataclass
 from lab.errors import LabError
 
 ROUTES_VAR = "NTM_LAB_ROUTES"
+RULES_VAR = "NTM_LAB_RULES"
 MASQUERADE_VAR = "NTM_LAB_MASQUERADE"
 NFT_TABLE = "ntm_lab_nat"
 
@@ -38,25 +44,29 @@ class Step:
 
     argv: tuple[str, ...]
     stdin: str = ""
+    check: bool = True  # False: a failure is expected and fine (deleting what may not exist)
 
 
-def parse_routes(text: str) -> list[tuple[tuple[str, ...], tuple[str, ...]]]:
-    """Split NTM_LAB_ROUTES into (ip options, route arguments) pairs."""
+def parse_routes(text: str, var: str = ROUTES_VAR) -> list[tuple[tuple[str, ...], tuple[str, ...]]]:
+    """Split NTM_LAB_ROUTES (or NTM_LAB_RULES) into (ip options, arguments) pairs."""
     routes = []
     for entry in text.split(";"):
         try:
             tokens = shlex.split(entry)
         except ValueError as exc:
-            raise LabError(f"{ROUTES_VAR}: cannot parse {entry.strip()!r} ({exc})") from None
+            raise LabError(f"{var}: cannot parse {entry.strip()!r} ({exc})") from None
         if not tokens:
             continue
         options = []
         while tokens and tokens[0].startswith("-"):
             options.append(tokens.pop(0))
         if not tokens:
+            if var == ROUTES_VAR:
+                what, example = "route", "-6 default via 2001:db8:b::1"
+            else:
+                what, example = "rule", "-6 from 2001:db8:201::10 lookup 101"
             raise LabError(
-                f"{ROUTES_VAR}: {entry.strip()!r} has options but no route; write e.g. "
-                "'-6 default via 2001:db8:b::1'"
+                f"{var}: {entry.strip()!r} has options but no {what}; write e.g. '{example}'"
             )
         routes.append((tuple(options), tuple(tokens)))
     return routes
@@ -102,9 +112,19 @@ def route_steps(text: str) -> list[Step]:
     return [Step(("ip", *opts, "route", "replace", *args)) for opts, args in parse_routes(text)]
 
 
+def rule_steps(text: str) -> list[Step]:
+    """`ip rule del` (may fail: not there yet) then `ip rule add`, so re-running is harmless."""
+    steps = []
+    for opts, args in parse_routes(text, RULES_VAR):
+        steps.append(Step(("ip", *opts, "rule", "del", *args), check=False))
+        steps.append(Step(("ip", *opts, "rule", "add", *args)))
+    return steps
+
+
 def plan(env: Mapping[str, str]) -> list[Step]:
-    """Every command that sets up a service's routes and NAT, in order."""
+    """Every command that sets up a service's routes, policy rules and NAT, in order."""
     steps = route_steps(env.get(ROUTES_VAR, ""))
+    steps += rule_steps(env.get(RULES_VAR, ""))
     nets = parse_masquerade(env.get(MASQUERADE_VAR, ""))
     if nets:
         steps.append(Step(("nft", "-f", "-"), nft_masquerade_ruleset(nets)))
@@ -127,10 +147,11 @@ def run_steps(steps: Sequence[Step], prefix: Sequence[str] = ()) -> None:
             raise LabError(
                 f"{argv[0]} is not installed; install iproute2/nftables/procps"
             ) from None
-        if done.returncode != 0:
+        if done.returncode != 0 and step.check:
             raise LabError(
                 f"network setup failed: {shlex.join(step.argv)}: {done.stderr.strip()}"
-                " (check NTM_LAB_ROUTES / NTM_LAB_MASQUERADE / sysctls of the service)"
+                " (check NTM_LAB_ROUTES / NTM_LAB_RULES / NTM_LAB_MASQUERADE / sysctls of"
+                " the service)"
             )
 
 

@@ -12,6 +12,7 @@ from ntm_io.config import ConfigError
 # subcommand -> (module with add_arguments/run, help line)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "node": ("ntm_node.cli", "run an NTM node (mobile or correspondent endpoint)"),
+    "swarm": ("ntm_node.swarm_cli", "run many NTM node identities in one process (load tests)"),
     "dc": ("dc.cli", "run a Direction Coordinator"),
     "relay": ("relay.cli", "run a Relay Server"),
     "pki": ("ntm_pki.cli", "create a lab CA and issue certificates"),

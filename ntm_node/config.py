@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 from pathlib import Path
 
-from ntm_io.config import ConfigError, load_toml, parse_ip, section
+from ntm_io.config import ConfigError, Section, load_toml, parse_ip, section
+from ntm_proto.liveness import LivenessTimers
 from ntm_proto.messages import check_fqdn
 
 
@@ -38,6 +40,22 @@ class NodeConfig:
     dns: DnsConfig
     nat_timeout: float  # the shortest UDP mapping lifetime of NATs on the way
     keepalive_interval: float  # derived: a quiet path says something before NATs forget it
+    # One tunnel socket per address instead of the wildcard (a host with several uplinks).
+    tunnel_addresses: tuple[str, ...] = ()
+    # Gateway failover (docs/failover.md): every timer derives from allowed_outage.
+    allowed_outage: float = 1.0  # A, seconds
+    switch_time_estimate: float = 0.3  # C until the node has measured its own
+    dead_after_losses: int = 8  # K
+    failback_hold_down: float = 60.0
+
+    def liveness_timers(self) -> LivenessTimers:
+        """The failover timers with the configured estimate of the switch time."""
+        return LivenessTimers(
+            allowed_outage=self.allowed_outage,
+            switch_time=self.switch_time_estimate,
+            dead_after_losses=self.dead_after_losses,
+            failback_hold_down=self.failback_hold_down,
+        )
 
 
 def load(path: str | Path) -> NodeConfig:
@@ -66,6 +84,11 @@ def load(path: str | Path) -> NodeConfig:
         status_socket=node.text("status_socket", f"/run/ntm/node-{name}.sock"),
         nat_timeout=(nat := node.number("nat_timeout", 30.0, lo=2.0)),
         keepalive_interval=keepalive_for(nat),
+        tunnel_addresses=_tunnel_addresses(node),
+        allowed_outage=node.number("allowed_outage", 1.0, lo=0.01),
+        switch_time_estimate=node.number("switch_time_estimate", 0.3, lo=0.0),
+        dead_after_losses=node.integer("dead_after_losses", 8, 1, 64),
+        failback_hold_down=node.number("failback_hold_down", 60.0, lo=0.0),
         dc_addresses=tuple(dc.ip_list("addresses")),
         dc_port=dc.integer("port", 4433, 1, 65535),
         dc_server_name=dc.text("server_name", what="the name in the DC's certificate"),
@@ -83,6 +106,11 @@ def load(path: str | Path) -> NodeConfig:
     )
     for s in (node, dc, dns, tls):
         s.check_unknown()
+    if problem := cfg.liveness_timers().problem:
+        raise ConfigError(
+            f"[node] {problem}; raise allowed_outage, or lower switch_time_estimate if your "
+            "paths build faster (ntm status shows the measured switch time)"
+        )
     if not cfg.dc_addresses:
         raise ConfigError("[dc] addresses is empty; list the DC's IPv4 and/or IPv6 addresses")
     if cfg.dns.enabled and not cfg.dns.upstreams:
@@ -100,6 +128,22 @@ def load(path: str | Path) -> NodeConfig:
                 f"[tls] {what} = {file!r} does not exist; create it with `ntm pki` (README: PKI)"
             )
     return cfg
+
+
+def _tunnel_addresses(node: Section) -> tuple[str, ...]:
+    """[node] tunnel_addresses: unicast addresses of this host, each listed once."""
+    out: list[str] = []
+    for text in node.ip_list("tunnel_addresses", []):
+        ip = ipaddress.ip_address(text)
+        if ip.is_unspecified or ip.is_multicast or ip.is_link_local:
+            raise ConfigError(
+                f"[node] tunnel_addresses: {text} is not a usable unicast address; list this "
+                "host's addresses on each uplink (or leave tunnel_addresses out for all)"
+            )
+        if text in out:
+            raise ConfigError(f"[node] tunnel_addresses: {text} is listed twice; list it once")
+        out.append(text)
+    return tuple(out)
 
 
 def _hostport(value: str, default_port: int) -> tuple[str, int]:

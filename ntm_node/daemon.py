@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -32,6 +33,7 @@ from .config import NodeConfig
 from .dc_client import DcClient, DirectionError
 from .dns_server import StubResolver
 from .engine import PathError, TunnelEngine
+from .failover import FailoverManager
 
 log = logging.getLogger("ntm.node")
 
@@ -54,18 +56,33 @@ def load_or_create_key(path: str) -> StaticKey:
 
 
 class NodeDaemon:
-    def __init__(self, config: NodeConfig) -> None:
+    def __init__(self, config: NodeConfig, addresses: AddressSet | None = None) -> None:
         self.config = config
         self.started = time.monotonic()
         self.static_key = load_or_create_key(config.key_file)
-        self.engine = TunnelEngine(self.static_key, config.tunnel_port, config.keepalive_interval)
-        self.addresses: AddressSet = current_addresses(ignore_ifaces=self.ignored_interfaces())
+        self.engine = TunnelEngine(
+            self.static_key,
+            config.tunnel_port,
+            config.keepalive_interval,
+            addresses=config.tunnel_addresses,
+        )
+        # A swarm passes what its one watcher knows: a dump per identity costs ~150 ms.
+        self.addresses: AddressSet = (
+            addresses
+            if addresses is not None
+            else current_addresses(ignore_ifaces=self.ignored_interfaces())
+        )
         self.dc = DcClient(
             config,
             self.static_key.public_bytes(),
-            addresses=lambda: self.addresses,
+            addresses=self.tunnel_address_set,
             on_push=self._on_push,
             on_registered=self._on_registered,
+        )
+        self.failover = FailoverManager(
+            self.engine,
+            lambda fqdn, gateway: self.dc.request_direction(fqdn, gateway=gateway),
+            config.liveness_timers(),
         )
         self.tun: TunDevice | None = None
         self.resolver: StubResolver | None = None
@@ -79,20 +96,39 @@ class NodeDaemon:
         TUN (an NTMA subclass adds its private service side)."""
         return (self.config.tun_name,)
 
+    def tunnel_address_set(self) -> AddressSet:
+        """The addresses we offer the DC as tunnel endpoints: with [node] tunnel_addresses,
+        only those of them the host has now (our sockets are bound to them alone)."""
+        only = self.config.tunnel_addresses
+        if not only:
+            return self.addresses
+        a = self.addresses
+        return dataclasses.replace(
+            a,
+            ipv4=tuple(x for x in a.ipv4 if x in only),
+            ipv6=tuple(x for x in a.ipv6 if x in only),
+        )
+
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
 
+    async def start_identity(self) -> None:
+        """What makes this node an identity: the engine, the DC client, gateway failover.
+        A swarm starts only this per identity and shares the host-level rest."""
+        self.engine.open()
+        self._spawn(self.dc.run())
+        self._spawn(self.failover.run())
+
     async def start(self) -> None:
         cfg = self.config
-        self.engine.open()
         self.watcher = AddressWatcher(
             self._addresses_changed, ignore_ifaces=self.ignored_interfaces()
         )
         self.addresses = await self.watcher.start()
-        self._spawn(self.dc.run())
+        await self.start_identity()
         if cfg.dns.enabled:
             self.resolver = StubResolver(
                 listen=cfg.dns.listen,
@@ -174,10 +210,15 @@ class NodeDaemon:
         v6 = ":" in path.peer_address[0]
         return bool(self.addresses.ipv6 if v6 else self.addresses.ipv4)
 
-    async def _build_path(self, fqdn: str) -> str:
-        rd = await self.dc.request_direction(fqdn)
+    async def _build_path(self, fqdn: str, gateway: str = "") -> str:
+        started = time.monotonic()
+        rd = await self.dc.request_direction(fqdn, gateway=gateway)
         self.engine.add_path(rd)
         await self.engine.wait_established(rd.path_id, self.config.dns.direction_timeout)
+        if rd.gateway:
+            # Direction round trip + handshake with a gateway: what a switch costs (C).
+            self.failover.record_switch_time(time.monotonic() - started)
+            self.failover.wake()
         return rd.peer_vip
 
     async def _refresh_paths(self) -> None:
@@ -189,18 +230,27 @@ class NodeDaemon:
             if (rd := self.engine.route_direction(path.path_id)) is not None
             and rd.role is PathRole.INITIATOR
         }
-        for fqdn in sorted(peers):
-            for _attempt in range(REFRESH_ATTEMPTS):
-                try:
-                    await asyncio.wait_for(self.dc.registered.wait(), REFRESH_WAIT)
-                    await self._build_path(fqdn)
-                    break
-                except (TimeoutError, DirectionError, PathError) as exc:
-                    log.info("refreshing the tunnel to %s: %s; retrying", fqdn, exc or "timeout")
+        try:
+            for fqdn in sorted(peers):
+                # Through the gateway we use now: a move is no reason to change gateways.
+                gateway = self.failover.gateway_for(fqdn)
+                for _attempt in range(REFRESH_ATTEMPTS):
+                    try:
+                        await asyncio.wait_for(self.dc.registered.wait(), REFRESH_WAIT)
+                        await self._build_path(fqdn, gateway)
+                        break
+                    except (TimeoutError, DirectionError, PathError) as exc:
+                        log.info(
+                            "refreshing the tunnel to %s: %s; retrying", fqdn, exc or "timeout"
+                        )
+        finally:
+            self.failover.resume(time.monotonic())
 
     def _addresses_changed(self, addresses: AddressSet) -> None:
         log.info("addresses now v4=%s v6=%s", list(addresses.ipv4), list(addresses.ipv6))
         self.addresses = addresses
+        # Our own move silences paths for a while: not a gateway failure.
+        self.failover.pause(time.monotonic())
         if not addresses.all:
             return  # between networks: nothing to register from yet
         self._moved = True
@@ -223,6 +273,8 @@ class NodeDaemon:
             "dc_error": self.dc.last_error,
             "addresses": {"ipv4": list(self.addresses.ipv4), "ipv6": list(self.addresses.ipv6)},
             "paths": self.engine.status(),
+            "tunnel_addresses": list(self.config.tunnel_addresses),
+            "failover": self.failover.status(),
             "counters": {
                 "engine": dict(self.engine.counters),
                 "tunnel": dict(self.engine.endpoint.counters),

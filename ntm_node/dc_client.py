@@ -16,6 +16,8 @@ from ntm_proto.messages import (
     DirectionRequest,
     ErrorCode,
     ErrorMessage,
+    GatewayReport,
+    GatewayReportAck,
     Message,
     RegistrationRequest,
     RegistrationResponse,
@@ -63,6 +65,11 @@ class DcClient:
         self._wake = asyncio.Event()
         self.counters: dict[str, int] = {}
         self.last_error: str | None = None
+        # A gateway of a multi-gateway service (the adaptor sets these): its own name and
+        # its share of new MNs, sent in every registration. "" = a plain node.
+        self.gateway = ""
+        self.weight = 100
+        self.ordinary_clients = True  # False: keep this node out of the DC's DNS answers
 
     def _count(self, key: str) -> None:
         self.counters[key] = self.counters.get(key, 0) + 1
@@ -109,6 +116,9 @@ class DcClient:
             static_key=self.static_public,
             tunnel_port=self.config.tunnel_port,
             endpoints=endpoints,
+            gateway=self.gateway,
+            weight=self.weight,
+            ordinary_clients=self.ordinary_clients,
         )
         answer = decode(await self.conn.request(encode(req), REQUEST_TIMEOUT))
         if isinstance(answer, ErrorMessage):
@@ -200,21 +210,33 @@ class DcClient:
         self._count("route_directions_pushed")
         return encode(await self._on_push(msg))
 
-    async def request_direction(self, target: str) -> RouteDirection:
-        if not self.registered.is_set() or self.conn is None:
-            raise DirectionError(f"not registered with the DC ({self.last_error or 'connecting'})")
-        try:
-            raw = await self.conn.request(
-                encode(DirectionRequest(source=self.config.fqdn, target=target)), REQUEST_TIMEOUT
-            )
-            answer = decode(raw)
-        except (TimeoutError, ControlError, DecodeError) as exc:
-            self._count("direction_errors")
-            raise DirectionError(f"DC did not answer: {exc or type(exc).__name__}") from exc
-        if isinstance(answer, ErrorMessage):
-            self._count("direction_refused")
-            raise DirectionError(answer.reason, answer.code)
+    async def request_direction(self, target: str, gateway: str = "") -> RouteDirection:
+        """Ask for a path to `target`; `gateway` asks for one through that gateway of a
+        multi-gateway service ("" lets the DC choose)."""
+        request = DirectionRequest(source=self.config.fqdn, target=target, gateway=gateway)
+        answer = await self._request(request, "direction")
         if not isinstance(answer, RouteDirection):
             raise DirectionError(f"unexpected answer {type(answer).__name__}")
         self._count("directions")
+        return answer
+
+    async def report(self, msg: GatewayReport) -> None:
+        """Send a gateway's report to the DC; DirectionError if it is refused or unanswered."""
+        answer = await self._request(msg, "report")
+        if not (isinstance(answer, GatewayReportAck) and answer.gateway == msg.gateway):
+            raise DirectionError(f"unexpected answer {type(answer).__name__} to a gateway report")
+        self._count("reports")
+
+    async def _request(self, msg: Message, what: str) -> Message:
+        """One request on the registered connection; errors become DirectionError."""
+        if not self.registered.is_set() or self.conn is None:
+            raise DirectionError(f"not registered with the DC ({self.last_error or 'connecting'})")
+        try:
+            answer = decode(await self.conn.request(encode(msg), REQUEST_TIMEOUT))
+        except (TimeoutError, ControlError, DecodeError) as exc:
+            self._count(f"{what}_errors")
+            raise DirectionError(f"DC did not answer: {exc or type(exc).__name__}") from exc
+        if isinstance(answer, ErrorMessage):
+            self._count(f"{what}_refused")
+            raise DirectionError(answer.reason, answer.code)
         return answer

@@ -3,11 +3,17 @@
 Per wake-up each side is drained until EAGAIN (bounded, so neither side starves the
 other), and sockets get large buffers: syscalls and the interpreter, not AES, bound a
 userspace tunnel (see docs/performance.md). All protocol decisions live in ntm_proto.
+
+Sockets: by default one wildcard socket per family. With `addresses` (`[node]
+tunnel_addresses`, a host with several uplinks) one socket per address instead, and each
+path sends from the socket its latest authenticated packet arrived on, so a reply leaves
+by the uplink the request came in on (split access, with `ip rule from <address>`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import logging
 import socket
@@ -27,6 +33,7 @@ from ntm_proto.path import (
     PathIdle,
     PathState,
     PeerAddressChanged,
+    ProbeResult,
     TunnelPath,
 )
 from ntm_proto.relay_binding import BindingType, RelayBinder
@@ -35,6 +42,9 @@ log = logging.getLogger("ntm.engine")
 
 MAX_BATCH = 256  # packets handled per wake-up and direction before yielding
 BIND_ACK = bytes([BindingType.BIND_ACK])
+IP_FREEBIND = 15  # linux/in.h; bind an address that is not (yet) configured, e.g. tentative v6
+
+ProbeListener = Callable[[bytes, ProbeResult], None]
 
 
 class PacketDevice(Protocol):
@@ -54,16 +64,22 @@ class TunnelEngine:
         port: int,
         keepalive_interval: float = 15.0,
         on_path_change: Callable[[], None] | None = None,
+        addresses: tuple[str, ...] = (),
     ) -> None:
         self.static_key = static_key
         self.port = port
+        self.addresses = addresses  # empty: wildcard sockets
         self.keepalive_interval = keepalive_interval
         self.endpoint = TunnelEndpoint()
         self.local_vip: str | None = None
         self._local_vip_bytes = b""
         self.tun: PacketDevice | None = None
         self.counters: dict[str, int] = {}
-        self._socks: dict[int, socket.socket] = {}
+        self._socks: dict[int, socket.socket] = {}  # family -> the default socket
+        self._bound: list[socket.socket] = []  # every socket we read
+        # path id -> the socket its latest authenticated packet came in on (with addresses)
+        self._path_sock: dict[bytes, socket.socket] = {}
+        self.probe_listeners: list[ProbeListener] = []
         # inner destination address (packed) -> the path that carries it now
         self._route: dict[bytes, TunnelPath] = {}
         self._meta: dict[bytes, RouteDirection] = {}
@@ -72,7 +88,7 @@ class TunnelEngine:
         self._binders: dict[bytes, RelayBinder] = {}  # relayed paths: proof toward the relay
         self._timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._on_path_change = on_path_change
+        self.on_path_change = on_path_change
 
     def _count(self, key: str, n: int = 1) -> None:
         self.counters[key] = self.counters.get(key, 0) + n
@@ -80,25 +96,34 @@ class TunnelEngine:
     # --- set-up --------------------------------------------------------------------------
 
     def open(self) -> None:
-        """Bind the tunnel port on IPv4 and IPv6 (separately: no v4-mapped addresses)."""
+        """Bind the tunnel port on IPv4 and IPv6 (separately: no v4-mapped addresses), or
+        on each of `addresses`."""
         self._loop = asyncio.get_running_loop()
-        for family, host in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
+        binds = [(socket.AF_INET6 if ":" in a else socket.AF_INET, a) for a in self.addresses] or [
+            (socket.AF_INET, "0.0.0.0"),
+            (socket.AF_INET6, "::"),
+        ]
+        for family, host in binds:
             sock = socket.socket(family, socket.SOCK_DGRAM)
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if self.addresses:
+                sock.setsockopt(socket.IPPROTO_IP, IP_FREEBIND, 1)
             big_buffers(sock)
             sock.setblocking(False)
             try:
                 sock.bind((host, self.port))
             except OSError as exc:
                 sock.close()
-                if family == socket.AF_INET6 and not socket.has_ipv6:
+                if family == socket.AF_INET6 and not socket.has_ipv6 and not self.addresses:
                     continue
+                self.close()
                 raise OSError(
                     f"cannot bind the tunnel port {host}:{self.port}: {exc}; "
                     "is another node running, or pick another [node] tunnel_port"
                 ) from exc
-            self._socks[family] = sock
+            self._socks.setdefault(family, sock)
+            self._bound.append(sock)
             self._loop.add_reader(sock.fileno(), self._on_udp, sock)
 
     def attach_tun(self, tun: PacketDevice, local_vip: str) -> None:
@@ -115,19 +140,23 @@ class TunnelEngine:
 
     def close(self) -> None:
         if self._loop is not None:
-            for sock in self._socks.values():
+            for sock in self._bound:
                 self._loop.remove_reader(sock.fileno())
                 sock.close()
             if self.tun is not None:
                 self._loop.remove_reader(self.tun.fileno())
         self._socks.clear()
+        self._bound.clear()
+        self._path_sock.clear()
         if self._timer:
             self._timer.cancel()
 
     # --- paths ---------------------------------------------------------------------------
 
-    def add_path(self, rd: RouteDirection) -> TunnelPath:
-        """Install the path a Route Direction describes; the initiator starts the handshake."""
+    def add_path(self, rd: RouteDirection, handshake_retry: float | None = None) -> TunnelPath:
+        """Install the path a Route Direction describes; the initiator starts the handshake.
+
+        `handshake_retry` overrides the first INIT retry (a failover cannot wait 1 s)."""
         if self.local_vip is None:
             raise LocalProtocolError("no vIP yet: register with the DC first")
         now, wall = time.monotonic(), time.time_ns()
@@ -141,6 +170,8 @@ class TunnelEngine:
             peer_endpoints=self._usable(rd.peer_endpoints),
             keepalive_interval=self.keepalive_interval,
         )
+        if handshake_retry is not None:
+            config = dataclasses.replace(config, handshake_retry=handshake_retry)
         if rd.kind is RouteKind.RELAY and rd.relay is not None:
             # Bind our side at the relay first: the RS forwards nothing to or from an end
             # that has not proved it holds a side of the path.
@@ -212,6 +243,7 @@ class TunnelEngine:
         self.endpoint.remove_path(path_id)
         rd = self._meta.pop(path_id, None)
         self._peer_vip.pop(path_id, None)
+        self._path_sock.pop(path_id, None)
         self._drop_binder(path_id)
         if rd is not None:
             key = ipaddress.IPv4Address(rd.peer_vip).packed
@@ -265,6 +297,7 @@ class TunnelEngine:
         receive = self.endpoint.receive_datagram
         peer_vip = self._peer_vip
         tun = self.tun
+        pin = bool(self.addresses)
         for _ in range(MAX_BATCH):
             try:
                 data, addr = sock.recvfrom(65535)
@@ -279,7 +312,14 @@ class TunnelEngine:
                 if binder is None or not binder.receive_ack(data, (addr[0], addr[1]), now):
                     self._count("rx_dropped_bind_ack")
                 continue
-            result = receive(data, (addr[0], addr[1]), now, wall)
+            if pin:
+                known = self.endpoint.path(data[4:12])
+                heard = known.last_received if known is not None else 0.0
+                result = receive(data, (addr[0], addr[1]), now, wall)
+                if known is not None and known.last_received != heard:
+                    self._path_sock[known.path_id] = sock  # it authenticated: answer here
+            else:
+                result = receive(data, (addr[0], addr[1]), now, wall)
             if result is None:
                 continue
             path, inner = result
@@ -300,7 +340,13 @@ class TunnelEngine:
 
     def _send(self, data: bytes, addr: Endpoint) -> None:
         family = socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
-        sock = self._socks.get(family)
+        sock = None
+        if self._path_sock:  # tunnel and relay-binding packets carry the path id at 4..12
+            sock = self._path_sock.get(data[4:12])
+            if sock is not None and sock.family != family:
+                sock = None
+        if sock is None:
+            sock = self._socks.get(family)
         if sock is None:
             self._count("tx_dropped_no_family")
             return
@@ -313,6 +359,10 @@ class TunnelEngine:
             log.debug("send to %s failed: %s", addr, exc)
 
     # --- timers and events -------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Send what the paths queued (after `send_probe` and the like) and handle events."""
+        self._flush()
 
     def _flush(self) -> None:
         now = time.monotonic()
@@ -370,6 +420,12 @@ class TunnelEngine:
             elif isinstance(event, PathIdle) and path_id in self._binders:
                 now, wall = time.monotonic(), time.time_ns()
                 self._binders[path_id].bind(now, wall)  # the relay may have lost us
+            elif isinstance(event, ProbeResult):
+                for listener in self.probe_listeners:
+                    try:
+                        listener(path_id, event)
+                    except Exception:  # a listener's bug must not stop the data path
+                        log.exception("probe listener failed")
             elif isinstance(event, PeerAddressChanged):
                 log.info("path %s: %s moved %s -> %s", path_id.hex(), name, event.old, event.new)
                 changed = True
@@ -380,8 +436,8 @@ class TunnelEngine:
                         fut.set_exception(PathError(event.reason))
                 self.remove_path(path_id)
                 changed = True
-        if changed and self._on_path_change:
-            self._on_path_change()
+        if changed and self.on_path_change:
+            self.on_path_change()
 
     def _retire(self, path_id: bytes) -> None:
         """A newer path to the same peer took over: drop the old one."""
@@ -389,6 +445,7 @@ class TunnelEngine:
         self.endpoint.remove_path(path_id)
         self._meta.pop(path_id, None)
         self._peer_vip.pop(path_id, None)
+        self._path_sock.pop(path_id, None)
         self._drop_binder(path_id)
 
     def _drop_binder(self, path_id: bytes) -> None:
@@ -409,6 +466,11 @@ class TunnelEngine:
                     "role": rd.role.name.lower() if rd else None,
                     "state": path.state.name.lower(),
                     "peer_address": list(path.peer_address) if path.peer_address else None,
+                    "local_address": (
+                        sock.getsockname()[0]
+                        if (sock := self._path_sock.get(path.path_id))
+                        else None
+                    ),
                     "relay": (
                         {"endpoint": list(b.relay), "bound": b.bound, "counters": dict(b.counters)}
                         if (b := self._binders.get(path.path_id))

@@ -449,12 +449,35 @@ def _identity_from_table(table: dict[str, object], index: int) -> IdentitySpec:
     spec = make_spec(
         sec.text("name"),
         sec.text("role"),
-        sec.texts("dns", []),
+        expand_ranges(sec.texts("dns", []), sec.where),
         sec.texts("ip", []),
         sec.integer("days", DEFAULT_DAYS, lo=1, hi=36500),
     )
     sec.check_unknown()
     return spec
+
+
+_RANGE_RE = re.compile(r"\{(\d+)\.\.(\d+)\}")
+MAX_RANGE = 4096  # names one range may produce: a certificate is sent in every handshake
+
+
+def expand_ranges(names: Iterable[str], where: str) -> list[str]:
+    """Expand one ``{A..B}`` per name into B-A+1 names (``s{0..2}.x`` -> s0.x, s1.x, s2.x):
+    a swarm identity (``ntm swarm``) may register hundreds of names."""
+    out: list[str] = []
+    for name in names:
+        m = _RANGE_RE.search(name)
+        if m is None:
+            out.append(name)
+            continue
+        lo, hi = int(m[1]), int(m[2])
+        if _RANGE_RE.search(name, m.end()) or not 0 <= hi - lo < MAX_RANGE:
+            raise ConfigError(
+                f"[{where}] dns entry {name!r}: write one range {{A..B}} with A <= B and at "
+                f"most {MAX_RANGE} names, like s{{0..255}}.swarm.ntm.example.com"
+            )
+        out.extend(f"{name[: m.start()]}{n}{name[m.end() :]}" for n in range(lo, hi + 1))
+    return out
 
 
 def batch(directory: str | os.PathLike[str], spec_path: str | os.PathLike[str]) -> BatchResult:

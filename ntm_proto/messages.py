@@ -35,6 +35,7 @@ MAX_BODY = 4096
 MAX_FQDN = 253
 MAX_ENDPOINTS = 16
 MAX_REASON = 512
+MAX_ALTERNATIVES = 8  # other gateways a Route Direction names
 
 Endpoint = tuple[str, int]  # (IP address as text, UDP port)
 
@@ -49,6 +50,8 @@ class MsgType(enum.IntEnum):
     RELAY_DIRECTION = 7
     RELAY_DIRECTION_ACK = 8
     NODE_INFORMATION_REQUEST = 9
+    GATEWAY_REPORT = 10
+    GATEWAY_REPORT_ACK = 11
     TUNNEL_REQUEST = 16
     TUNNEL_RESPONSE = 17
     KEEPALIVE = 18
@@ -121,6 +124,25 @@ class UInt(Kind):
 
     def decode(self, r: Reader, field: str) -> Any:
         return self.fmt.unpack(r.take(self.size, field))[0]
+
+
+class BoundedUInt(UInt):
+    """An unsigned integer with a smaller maximum than its size allows."""
+
+    def __init__(self, size: int, maximum: int) -> None:
+        super().__init__(size)
+        self.maximum = maximum
+
+    def encode(self, value: Any, field: str, out: bytearray) -> None:
+        if isinstance(value, int) and value > self.maximum:
+            raise LocalProtocolError(f"{field}: {value} exceeds {self.maximum}")
+        super().encode(value, field, out)
+
+    def decode(self, r: Reader, field: str) -> Any:
+        value = super().decode(r, field)
+        if value > self.maximum:
+            raise FieldError(field, f"{value} exceeds {self.maximum}")
+        return value
 
 
 class Bool(Kind):
@@ -236,6 +258,47 @@ class Fqdn(Text):
         return name
 
 
+class OptionalFqdn(Fqdn):
+    """An FQDN or the empty text, which means 'none' (e.g. no particular gateway)."""
+
+    def encode(self, value: Any, field: str, out: bytearray) -> None:
+        if value == "":
+            Text.encode(self, value, field, out)
+        else:
+            super().encode(value, field, out)
+
+    def decode(self, r: Reader, field: str) -> Any:
+        name = cast(str, Text.decode(self, r, field))
+        if name and (why := check_fqdn(name)):
+            raise FieldError(field, f"{name!r}: {why}")
+        return name
+
+
+class FqdnList(Kind):
+    """A count u8 then that many FQDNs, at most `max_len`, no repeats."""
+
+    def __init__(self, max_len: int) -> None:
+        self.max_len = max_len
+
+    def encode(self, value: Any, field: str, out: bytearray) -> None:
+        if not isinstance(value, tuple) or len(value) > self.max_len:
+            raise LocalProtocolError(f"{field}: need a tuple of at most {self.max_len} names")
+        if len(set(value)) != len(value):
+            raise LocalProtocolError(f"{field}: names repeat")
+        out.append(len(value))
+        for name in value:
+            Fqdn().encode(name, field, out)
+
+    def decode(self, r: Reader, field: str) -> Any:
+        n = r.take(1, field)[0]
+        if n > self.max_len:
+            raise FieldError(field, f"{n} names, at most {self.max_len} allowed")
+        names = tuple(Fqdn().decode(r, field) for _ in range(n))
+        if len(set(names)) != n:
+            raise FieldError(field, "names repeat")
+        return names
+
+
 class IP(Kind):
     """family u8 (4 or 6; 0 only when optional) then 4 or 16 bytes."""
 
@@ -308,9 +371,16 @@ PATH_ID = FixedBytes(8)
 PUBLIC_KEY = FixedBytes(32)
 
 
-def wire(kind: Kind) -> Any:
-    """Declare a message field and how it travels."""
-    return dataclasses.field(metadata={"wire": kind})
+_NO_DEFAULT: Any = dataclasses.MISSING
+
+
+def wire(kind: Kind, default: Any = _NO_DEFAULT) -> Any:
+    """Declare a message field and how it travels.
+
+    Fields added to a message later come last and have a default, so existing callers keep
+    working; they are always encoded (version 1 has no optional fields on the wire).
+    """
+    return dataclasses.field(default=default, metadata={"wire": kind})
 
 
 # --- messages ----------------------------------------------------------------------------
@@ -330,6 +400,13 @@ class RegistrationRequest(Message):
     static_key: bytes = wire(PUBLIC_KEY)
     tunnel_port: int = wire(U16)
     endpoints: tuple[Endpoint, ...] = wire(EndpointList())  # local addresses as the node sees them
+    # Multi-gateway services: this gateway's own name (one of the adaptor certificate's
+    # DNS names); "" for a plain node or a single-gateway service.
+    gateway: str = wire(OptionalFqdn(), "")
+    weight: int = wire(U16, 100)  # share of new MNs relative to the other gateways; 0 = drain
+    # Whether the DC's DNS may send ordinary (non-NTM) clients to this node's addresses; an
+    # NTMA without public forwarding says no.
+    ordinary_clients: bool = wire(Bool(), True)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -350,6 +427,7 @@ class DirectionRequest(Message):
     TYPE = MsgType.DIRECTION_REQUEST
     source: str = wire(Fqdn())  # which of the requester's registered names speaks
     target: str = wire(Fqdn())
+    gateway: str = wire(OptionalFqdn(), "")  # a path through this gateway; "" = DC's choice
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -372,6 +450,10 @@ class RouteDirection(Message):
     # kind RELAY: this end's side key for binding at the relay (relay_binding.side_key);
     # 32 zero bytes otherwise. Each end gets only its own side's key.
     relay_key: bytes = wire(PUBLIC_KEY)
+    # The gateway this path goes through ("" unless the peer is a multi-gateway service)
+    # and, to the MN, the service's other usable gateways, best first.
+    gateway: str = wire(OptionalFqdn(), "")
+    alternatives: tuple[str, ...] = wire(FqdnList(MAX_ALTERNATIVES), ())
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -431,6 +513,29 @@ class NodeInformationRequest(Message):
     source_families: int = wire(U8)  # bit 0: IPv4, bit 1: IPv6
     source_behind_nat: bool = wire(Bool())
     source_seen: Endpoint = wire(EndpointKind())
+    gateway: str = wire(OptionalFqdn(), "")  # the requester's DirectionRequest.gateway
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class GatewayReport(Message):
+    """Gateway (NTMA) -> its DC: how it is doing, for the DC's gateway choice and status.
+
+    Sent on the connection that registered `gateway` for the service `fqdn`.
+    """
+
+    TYPE = MsgType.GATEWAY_REPORT
+    fqdn: str = wire(Fqdn())  # the service
+    gateway: str = wire(Fqdn())
+    tunnels: int = wire(U32)  # established tunnels now
+    rtt_us: int = wire(U32)  # smoothed round-trip time of its tunnel probes
+    jitter_us: int = wire(U32)  # interarrival jitter of those RTTs (RFC 3550 style)
+    loss_ppm: int = wire(BoundedUInt(4, 1_000_000))  # unanswered probes per million, recently
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class GatewayReportAck(Message):
+    TYPE = MsgType.GATEWAY_REPORT_ACK
+    gateway: str = wire(Fqdn())
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -484,6 +589,8 @@ MESSAGE_TYPES: dict[MsgType, type[Message]] = {
         RelayDirection,
         RelayDirectionAck,
         NodeInformationRequest,
+        GatewayReport,
+        GatewayReportAck,
         TunnelRequest,
         TunnelResponse,
         Keepalive,
@@ -554,6 +661,8 @@ __all__ = [
     "Endpoint",
     "ErrorCode",
     "ErrorMessage",
+    "GatewayReport",
+    "GatewayReportAck",
     "Keepalive",
     "Message",
     "MsgType",

@@ -53,6 +53,13 @@ peer learns our new address without waiting for traffic.
 Keepalives: an established path that has sent nothing for `keepalive_interval` sends a
 Keepalive (holds NAT bindings). Probes: `send_probe` sends a Probe, the peer answers with a
 ProbeAck, and a ProbeResult carries the round-trip time measured on our own clock.
+`last_received` is when the last authenticated packet (handshake included) arrived: the
+liveness monitor (`ntm_proto.liveness`) counts it as life.
+
+Trying another peer address (a gateway with two uplinks): `try_peer_address` sends a Probe
+to that address only. The path does not move there by itself: the peer's authenticated
+answer from that address moves it by the roaming rule above, so an address that does not
+answer (or an attacker who names one) takes nothing away.
 
 Bad input raises a `RemoteProtocolError` subclass whose `reason` is a short counter key;
 the path counts it in `counters` as `drop_<reason>` before raising.
@@ -324,6 +331,11 @@ class TunnelPath:
         return self._peer_address
 
     @property
+    def last_received(self) -> float:
+        """When the last authenticated packet arrived (`created` before any)."""
+        return self._last_received
+
+    @property
     def epoch(self) -> int | None:
         """Key generation used for sending, None without keys."""
         return None if self._current is None else self._current.generation
@@ -383,8 +395,10 @@ class TunnelPath:
         self._last_sent = now
         return out
 
-    def send_probe(self, now: float) -> int | None:
-        """Queue a Probe; its ProbeResult arrives as an event. None when not established."""
+    def send_probe(self, now: float, to: Endpoint | None = None) -> int | None:
+        """Queue a Probe (to `peer_address`, or `to`); its ProbeResult arrives as an event.
+
+        None when not established."""
         if self.state is not PathState.ESTABLISHED:
             return None
         seq = self._probe_seq
@@ -393,8 +407,16 @@ class TunnelPath:
         if len(self._probes) > MAX_OUTSTANDING_PROBES:
             del self._probes[next(iter(self._probes))]  # forget the oldest unanswered
         sent_us = max(0, int(now * 1_000_000)) & 0xFFFFFFFFFFFFFFFF
-        self._send_control(encode(Probe(seq=seq, sent_us=sent_us)), now)
+        self._send_control(encode(Probe(seq=seq, sent_us=sent_us)), now, to)
         return seq
+
+    def try_peer_address(self, endpoint: Endpoint, now: float) -> int | None:
+        """Probe `endpoint` (another address of the peer); its answer moves the path there.
+
+        Returns the probe's seq (its ProbeResult arrives as usual), None when not
+        established. Nothing changes until an authenticated answer comes from `endpoint`.
+        """
+        return self.send_probe(now, to=endpoint)
 
     def set_local_address_changed(self, now: float, wall_ns: int) -> None:
         """Our outer address changed: tell the peer at once with authenticated packets."""
@@ -567,6 +589,8 @@ class TunnelPath:
         self._handshakes += 1
         self._rx_packets += 1
         self._rx_bytes += len(data)
+        self._last_received = now
+        self._idle_reported = False
         if self.state is PathState.NEW:
             self.state = PathState.HANDSHAKING
         self._queue(packet, addr)
@@ -590,6 +614,8 @@ class TunnelPath:
         self._handshakes += 1
         self._rx_packets += 1
         self._rx_bytes += len(data)
+        self._last_received = now
+        self._idle_reported = False
         old = self._current
         self._current = _Session(keys, now)
         if old is None:
@@ -736,9 +762,9 @@ class TunnelPath:
         self._peer_address = addr
         self._events.append(PeerAddressChanged(old, addr))
 
-    def _send_control(self, plaintext: bytes, now: float) -> None:
+    def _send_control(self, plaintext: bytes, now: float, to: Endpoint | None = None) -> None:
         s = self._current
-        addr = self._peer_address
+        addr = to or self._peer_address
         if s is None or addr is None or s.send.counter >= REJECT_AFTER_MESSAGES:
             return
         self._queue(s.send.seal(plaintext, control=True), addr)

@@ -110,6 +110,19 @@ class Lab:
     def kill(self, service: str) -> None:
         self.ntm_lab("kill", service)
 
+    def link(self, service: str, network: str, up: bool) -> None:
+        """Plug (up) or pull (down) a service's cable on a network (`ntm lab link`)."""
+        self.ntm_lab("link", service, network, "up" if up else "down")
+
+    def impair(self, network: str, loss: float) -> None:
+        """Random loss in percent on a network, both directions; 0 removes it."""
+        self.ntm_lab("impair", network, "--loss", f"{loss:g}")
+
+    def impairment(self, network: str) -> dict[str, Any]:
+        """{"network", "loss" (percent), "seen", "dropped" (frames since the last impair)}."""
+        result: dict[str, Any] = json.loads(self.ntm_lab("impair", network).stdout)
+        return result
+
     def start(self, service: str) -> None:
         """Start a stopped service; returns once its healthcheck (if any) passes."""
         self.ntm_lab("start", service, timeout=UP_TIMEOUT)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -46,6 +47,8 @@ dc1  IN AAAA 2001:db8:100::20
 cn2  IN A    100.64.0.2
 """
 
+INTERNET_ROUTES = yaml.safe_load(COMPOSE.read_text())["x-internet-env"]["NTM_LAB_ROUTES"]
+
 ROAM = {
     "access-a": {"ipv4_address": "10.10.1.101", "routes": "default via 10.10.1.1"},
     "access-b": {"ipv6_address": "2001:db8:b::101", "routes": "-6 default via 2001:db8:b::1"},
@@ -79,6 +82,8 @@ def fake_dc1(zonefile: Path) -> dict[str, object]:
             "${NTM_LAB_STATE}/fakedc/nsd.conf",
         ],
         "environment": {
+            # the routes of every host on `internet` (to access-b, isp1, isp2)
+            "NTM_LAB_ROUTES": INTERNET_ROUTES,
             "NTM_NSD_DIR": "${NTM_LAB_STATE}/fakedc",
             "NTM_NSD_ZONE": "ntm.example.com",
             "NTM_NSD_ZONEFILE": str(zonefile),
@@ -105,15 +110,25 @@ def fake_dc1(zonefile: Path) -> dict[str, object]:
     }
 
 
+def ntma2_stand_in() -> dict[str, object]:
+    """ntma2 exactly as compose.yaml sets up its network (uplinks, routes, rules, sysctls),
+    serving HTTP instead of running the adaptor."""
+    spec: dict[str, object] = dict(yaml.safe_load(COMPOSE.read_text())["services"]["ntma2"])
+    spec["command"] = ["ntm", "lab", "httpd", "--name", "ntma2", "--port", "80"]
+    spec["healthcheck"] = {"test": ["CMD", "curl", "-fsS", "http://127.0.0.1/"], "retries": 30}
+    return spec
+
+
 def trimmed_compose(tmp: Path) -> str:
     zonefile = tmp / "ntm.example.com.zone"
     zonefile.write_text(FAKE_DC_ZONE)
     return compose_subset(
-        ["dns", "resolver", "nat-a", "rtr-b", "plainweb"],
+        ["dns", "resolver", "nat-a", "rtr-b", "plainweb", "rtr-isp1", "rtr-isp2"],
         {
             "dc1": fake_dc1(zonefile),
             "client-a": client("10.10.1.100"),
             "roamer": client("10.10.1.101", **{"x-ntm-roam": ROAM}),
+            "ntma2": ntma2_stand_in(),
         },
     )
 
@@ -242,6 +257,155 @@ def test_move_to_an_undeclared_network_says_what_to_do(trimmed: Lab) -> None:
     done = trimmed.ntm_lab("move", "client-a", "--to", "access-b", check=False)
     assert done.returncode == 2
     assert "x-ntm-roam" in done.stderr
+
+
+# --- link / impair -------------------------------------------------------------------------
+
+
+def pings(lab: Lab, service: str, address: str, count: int) -> int:
+    """How many of `count` quick pings (10 ms apart) were answered."""
+    out = lab.exec(
+        service, "ping", "-n", "-q", "-c", str(count), "-i", "0.01", "-W", "1", address, check=False
+    ).stdout
+    match = re.search(r"(\d+) received", out)
+    assert match, out
+    return int(match.group(1))
+
+
+def answers(lab: Lab, service: str, address: str) -> Callable[[], bool]:
+    return lambda: pings(lab, service, address, 1) == 1
+
+
+def test_link_down_cuts_both_ways_and_keeps_the_address(trimmed: Lab) -> None:
+    poll(answers(trimmed, "client-a", "10.10.1.1"), 10, "client-a answers before the cut")
+    try:
+        trimmed.link("client-a", "access-a", up=False)
+        assert trimmed.status()["services"]["client-a"]["links"] == {"access-a": "down"}
+        assert pings(trimmed, "client-a", "10.10.1.1", 3) == 0
+        assert pings(trimmed, "nat-a", "10.10.1.100", 3) == 0
+        assert "10.10.1.100/24" in trimmed.exec("client-a", "ip", "-br", "addr").stdout
+    finally:
+        trimmed.link("client-a", "access-a", up=True)
+    assert trimmed.status()["services"]["client-a"]["links"] == {"access-a": "up"}
+    poll(answers(trimmed, "client-a", "10.10.1.1"), 10, "client-a answers after the link is up")
+    poll(answers(trimmed, "nat-a", "10.10.1.100"), 10, "nat-a reaches client-a again")
+
+
+def test_link_down_on_internet_cuts_both_families(trimmed: Lab) -> None:
+    try:
+        trimmed.link("plainweb", "internet", up=False)
+        assert curl(trimmed, "dns", f"http://{PLAIN_V4}/", check=False) == ""
+        assert curl(trimmed, "dns", f"http://[{PLAIN_V6}]/", check=False) == ""
+    finally:
+        trimmed.link("plainweb", "internet", up=True)
+    poll(reachable(trimmed, "dns", f"http://{PLAIN_V4}/", "server=plainweb"), 10, "v4 back")
+    poll(reachable(trimmed, "dns", f"http://[{PLAIN_V6}]/", "server=plainweb"), 10, "v6 back")
+
+
+def test_link_on_a_network_the_service_is_not_on_is_refused(trimmed: Lab) -> None:
+    done = trimmed.ntm_lab("link", "client-a", "internet", "down", check=False)
+    assert done.returncode == 2
+    assert "client-a is not on internet (it is on access-a)" in done.stderr
+
+
+def test_impair_30_percent_loses_about_that_many_frames_each_way(trimmed: Lab) -> None:
+    poll(answers(trimmed, "client-a", "10.10.1.1"), 10, "client-a answers before the loss")
+    try:
+        trimmed.impair("access-a", 30)
+        assert trimmed.status()["impairments"]["access-a"]["loss"] == 30.0
+        got = pings(trimmed, "client-a", "10.10.1.1", 200)
+        counters = trimmed.impairment("access-a")
+    finally:
+        trimmed.impair("access-a", 0)
+    # Each ping is two frames, each lost with p = 0.3: a round trip is lost with 1 - 0.7^2 =
+    # 0.51. Bounds at about 5 standard deviations (binomial) on either side.
+    assert 56 <= got <= 140, got
+    assert counters["seen"] >= 300
+    assert 0.2 <= counters["dropped"] / counters["seen"] <= 0.4, counters
+
+
+def test_impair_100_percent_stops_everything_and_0_removes_it(trimmed: Lab) -> None:
+    poll(answers(trimmed, "client-a", "10.10.1.1"), 10, "client-a answers before the loss")
+    try:
+        trimmed.impair("access-a", 100)
+        assert pings(trimmed, "client-a", "10.10.1.1", 20) == 0
+        counters = trimmed.impairment("access-a")
+        assert counters["loss"] == 100.0
+        assert counters["dropped"] == counters["seen"] >= 20
+    finally:
+        trimmed.impair("access-a", 0)
+    assert trimmed.impairment("access-a") == {
+        "network": "access-a",
+        "loss": 0.0,
+        "seen": 0,
+        "dropped": 0,
+    }
+    assert "access-a" not in trimmed.status()["impairments"]
+    poll(answers(trimmed, "client-a", "10.10.1.1"), 10, "client-a answers once the loss is gone")
+    assert pings(trimmed, "client-a", "10.10.1.1", 50) == 50
+
+
+# --- ntma2's two uplinks (the real network setup, a web server in place of the adaptor) ----
+
+NTMA2 = {"isp1": ("192.0.2.10", "2001:db8:201::10"), "isp2": ("203.0.113.10", "2001:db8:202::10")}
+# Hosts of different addresses on `internet`: the multipath hash spreads them over both links.
+SOURCES = ["dns", "resolver", "plainweb", "dc1", "client-a"]
+
+
+def test_ntma2_is_reached_on_both_uplinks_over_both_families(trimmed: Lab) -> None:
+    for v4, v6 in NTMA2.values():
+        assert curl(trimmed, "plainweb", f"http://{v4}/") == ("server=ntma2 client=198.51.100.40\n")
+        assert curl(trimmed, "plainweb", f"http://[{v6}]/") == (
+            "server=ntma2 client=2001:db8:100::40\n"
+        )
+    assert "client=198.51.100.2" in curl(trimmed, "client-a", f"http://{NTMA2['isp2'][0]}/")
+
+
+@pytest.mark.parametrize(("dead", "alive"), [("isp1", "isp2"), ("isp2", "isp1")])
+def test_ntma2_replies_leave_by_the_uplink_they_came_in_on(
+    trimmed: Lab, dead: str, alive: str
+) -> None:
+    """With one uplink losing everything, every client still gets answers on the other:
+    without the rules, replies would follow the multipath default (isp1 2 : isp2 1)."""
+    v4, v6 = NTMA2[alive]
+    via = {"isp1": ("192.0.2.1", "2001:db8:201::1"), "isp2": ("203.0.113.1", "2001:db8:202::1")}
+    for dst in (PLAIN_V4, "198.51.100.11", "198.51.100.2"):
+        route = trimmed.exec("ntma2", "ip", "route", "get", dst, "from", v4).stdout
+        assert f"via {via[alive][0]} dev {alive}" in route, route
+    route = trimmed.exec("ntma2", "ip", "-6", "route", "get", PLAIN_V6, "from", v6).stdout
+    assert f"via {via[alive][1]} dev {alive}" in route, route
+    try:
+        trimmed.impair(dead, 100)
+        for source in SOURCES:
+            assert "server=ntma2" in curl(trimmed, source, f"http://{v4}/"), source
+        for source in ("dns", "resolver", "plainweb", "dc1"):
+            assert "server=ntma2" in curl(trimmed, source, f"http://[{v6}]/"), source
+        assert curl(trimmed, "plainweb", f"http://{NTMA2[dead][0]}/", check=False) == ""
+    finally:
+        trimmed.impair(dead, 0)
+
+
+def test_ntma2_own_traffic_takes_both_uplinks_and_avoids_a_pulled_cable(trimmed: Lab) -> None:
+    def devices(family: str, targets: list[str]) -> set[str]:
+        out = set()
+        for dst in targets:
+            route = trimmed.exec("ntma2", "ip", family, "route", "get", dst).stdout
+            out.add(route.split(" dev ")[1].split()[0])
+        return out
+
+    v4_targets = [f"198.51.100.{i}" for i in range(1, 60)]
+    v6_targets = [f"2001:db8:100::{i:x}" for i in range(1, 60)]
+    assert devices("-4", v4_targets) == {"isp1", "isp2"}  # multipath
+    assert devices("-6", v6_targets) == {"isp1", "isp2"}
+    try:
+        trimmed.link("ntma2", "isp1", up=False)
+        poll(lambda: devices("-4", v4_targets) == {"isp2"}, 10, "v4 default avoids isp1")
+        assert devices("-6", v6_targets) == {"isp2"}
+        assert "server=plainweb" in curl(trimmed, "ntma2", f"http://{PLAIN_V4}/")
+        assert "server=plainweb" in curl(trimmed, "ntma2", f"http://[{PLAIN_V6}]/")
+    finally:
+        trimmed.link("ntma2", "isp1", up=True)
+    poll(lambda: devices("-4", v4_targets) == {"isp1", "isp2"}, 10, "multipath again")
 
 
 # --- isolation and teardown ---------------------------------------------------------------

@@ -10,6 +10,7 @@ import ipaddress
 import os
 import socket
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,9 @@ import pytest
 from adaptor import config as adaptor_config
 from adaptor.claims import ClaimSender, ClaimTracker
 from adaptor.config import AdaptorConfig, ClaimsConfig, Forward, parse_forward
+from adaptor.daemon import send_probes
 from adaptor.forwarding import ruleset
+from adaptor.quality import ProbeQuality, Quality
 from lb_integration.claims import ClaimBook, Code, RouteClaim, RouteClaimAck
 from lb_integration.routes import ClaimService
 from ntm_io.config import ConfigError
@@ -77,6 +80,37 @@ def test_config_loads_and_defaults(tmp_path: Path) -> None:
     assert cfg.public_forward == (Forward("tcp", 80),)
     assert cfg.nft_table == "ntm_adaptor_ntma9"
     assert cfg.claims is None
+    assert (cfg.gateway, cfg.weight, cfg.report_interval) == ("", 100, 5.0)
+
+
+GATEWAY_BASE = (
+    '[adaptor]\nservice_interface = "dmz"\nnext_hop = "10.30.0.2"\n'
+    'lb_address = "10.30.0.100"\nforward = ["tcp/80"]\n'
+)
+
+
+def test_gateway_settings(tmp_path: Path) -> None:
+    table = GATEWAY_BASE + 'gateway = "NTMA1.ntm.example.com."\nweight = 0\nreport_interval = 2\n'
+    cfg = adaptor_config.load(write_config(tmp_path, adaptor=table))
+    assert (cfg.gateway, cfg.weight, cfg.report_interval) == ("ntma1.ntm.example.com", 0, 2.0)
+
+
+@pytest.mark.parametrize(
+    ("setting", "match"),
+    [
+        ('gateway = "www.ntm.example.com"', "is the service name"),
+        ('gateway = "ntma 1.example.com"', "not a valid name"),
+        ("gateway = 5", "not a string"),
+        ("weight = 65536", "out of range"),
+        ("weight = -1", "out of range"),
+        ("report_interval = 0.1", "at least 0.5"),
+        ("report_interval = 7200", "stale"),
+    ],
+)
+def test_gateway_setting_errors(tmp_path: Path, setting: str, match: str) -> None:
+    path = write_config(tmp_path, adaptor=GATEWAY_BASE + setting + "\n")
+    with pytest.raises(ConfigError, match=match):
+        adaptor_config.load(path)
 
 
 def test_claims_table(tmp_path: Path) -> None:
@@ -347,6 +381,60 @@ def test_engine_drops_and_counts_inner_packets_with_a_spoofed_source() -> None:
     written, counters = asyncio.run(_spoof_scenario())
     assert [p[28:] for p in written] == [b"genuine"]
     assert counters["rx_dropped_inner_address"] == 2
+
+
+# --- gateway reports: probes on the tunnels, measured through the engine ----------------------
+
+
+async def _probe_scenario() -> tuple[Quality, int, Quality]:
+    mn_key, ntma_key = StaticKey.generate(), StaticKey.generate()
+    mn, ntma = TunnelEngine(mn_key, 0), TunnelEngine(ntma_key, 0)
+    quality = ProbeQuality(timeout=0.5, window=30.0)
+    ntma.probe_listeners.append(
+        lambda pid, result: quality.answered(pid, result.seq, result.rtt, time.monotonic())
+    )
+    try:
+        for engine, vip in ((mn, "100.64.0.10"), (ntma, "100.64.0.20")):
+            engine.open()
+            engine.attach_tun(FakeTun(), vip)
+        port = ntma._socks[socket.AF_INET].getsockname()[1]
+        pid = os.urandom(8)
+
+        def rd(role: PathRole, vip: str, key: StaticKey, eps: tuple[Endpoint, ...]):
+            return RouteDirection(
+                pid, RouteKind.DIRECT, role, "x.ntm.example.com", vip, key.public_bytes(),
+                eps, None, 300, bytes(32),
+            )  # fmt: skip
+
+        ntma.add_path(rd(PathRole.RESPONDER, "100.64.0.10", mn_key, ()))
+        mn.add_path(rd(PathRole.INITIATOR, "100.64.0.20", ntma_key, (("127.0.0.1", port),)))
+        await mn.wait_established(pid, 5.0)
+        await ntma.wait_established(pid, 5.0)
+        for _ in range(3):
+            assert send_probes(ntma, quality, [pid, os.urandom(8)], time.monotonic()) == 1
+            for _ in range(100):
+                if quality.snapshot(time.monotonic()).resolved >= 3:
+                    break
+                await asyncio.sleep(0.01)
+        answered = quality.snapshot(time.monotonic())
+        # The MN goes away: its probes go unanswered and count as loss after the timeout.
+        mn.close()
+        sent = send_probes(ntma, quality, [pid], time.monotonic())
+        for _ in range(200):
+            if quality.snapshot(time.monotonic()).loss_ppm:
+                break
+            await asyncio.sleep(0.01)
+        return answered, sent, quality.snapshot(time.monotonic())
+    finally:
+        mn.close()
+        ntma.close()
+
+
+def test_probes_on_tunnels_measure_rtt_and_loss() -> None:
+    answered, sent, after = asyncio.run(_probe_scenario())
+    assert answered.resolved == 3 and answered.loss_ppm == 0 and answered.rtt_us > 0
+    assert sent == 1
+    assert after.resolved == 4 and after.loss_ppm == 250_000
 
 
 # --- the sender over QUIC, against the LB agent's own claim service -------------------------

@@ -57,6 +57,7 @@ PLAN = {
     "cn2": {"internet": ["198.51.100.30/24", "2001:db8:100::30/64"]},
     "plainweb": {"internet": ["198.51.100.40/24", "2001:db8:100::40/64"]},
     "mn1": {"access-a": ["10.10.1.100/24"]},
+    "mn2": {"access-a": ["10.10.1.101/24"]},  # the swarm (`ntm swarm`)
     "nat-b": {"internet": ["198.51.100.4/24", "2001:db8:100::4/64"], "site-b": ["10.20.2.1/24"]},
     "cn1": {"site-b": ["10.20.2.10/24"]},
     "dc2": {"internet": ["198.51.100.21/24", "2001:db8:100::21/64"]},
@@ -64,6 +65,19 @@ PLAN = {
     "rs1": {"internet": ["198.51.100.50/24", "2001:db8:100::50/64"]},
     "rs2": {"internet": ["198.51.100.51/24", "2001:db8:100::51/64"]},
     "ntma1": {"internet": ["198.51.100.60/24", "2001:db8:100::60/64"], "dmz": ["10.30.0.2/24"]},
+    "rtr-isp1": {
+        "internet": ["198.51.100.71/24", "2001:db8:100::71/64"],
+        "isp1": ["192.0.2.1/24", "2001:db8:201::1/64"],
+    },
+    "rtr-isp2": {
+        "internet": ["198.51.100.72/24", "2001:db8:100::72/64"],
+        "isp2": ["203.0.113.1/24", "2001:db8:202::1/64"],
+    },
+    "ntma2": {
+        "isp1": ["192.0.2.10/24", "2001:db8:201::10/64"],
+        "isp2": ["203.0.113.10/24", "2001:db8:202::10/64"],
+        "dmz": ["10.30.0.3/24"],
+    },
     "lb": {"dmz": ["10.30.0.10/24"], "backend": ["10.40.0.1/24"]},
     "web1": {"backend": ["10.40.0.11/24"]},
     "web2": {"backend": ["10.40.0.12/24"]},
@@ -75,6 +89,8 @@ SUBNETS = {
     "access-a": ["10.10.1.0/24"],
     "site-b": ["10.20.2.0/24"],
     "access-b": ["2001:db8:b::/64"],
+    "isp1": ["192.0.2.0/24", "2001:db8:201::/64"],
+    "isp2": ["203.0.113.0/24", "2001:db8:202::/64"],
     "dmz": ["10.30.0.0/24"],
     "backend": ["10.40.0.0/24"],
 }
@@ -121,15 +137,94 @@ def test_routers_forward_and_nat_a_masquerades_access_a(project: Project) -> Non
     ]
 
 
-def test_internet_hosts_route_access_b_through_rtr_b(project: Project) -> None:
-    for name, svc in project.services.items():
-        on_internet_v6 = any(
-            a.network == "internet" and any(":" in x for x in a.addresses) for a in svc.networks
-        )
-        if not on_internet_v6 or name == "rtr-b":
-            continue
+# Routed (not masqueraded) networks behind a router on `internet`: (router, prefixes).
+ROUTED: dict[str, list[tuple[tuple[str, ...], str, str]]] = {
+    "rtr-b": [(("-6",), "2001:db8:b::/64", "2001:db8:100::3")],
+    "rtr-isp1": [
+        ((), "192.0.2.0/24", "198.51.100.71"),
+        (("-6",), "2001:db8:201::/64", "2001:db8:100::71"),
+    ],
+    "rtr-isp2": [
+        ((), "203.0.113.0/24", "198.51.100.72"),
+        (("-6",), "2001:db8:202::/64", "2001:db8:100::72"),
+    ],
+}
+
+
+def test_internet_hosts_route_access_b_and_the_isps_through_their_routers(
+    project: Project,
+) -> None:
+    """Every host on `internet` reaches access-b, isp1 and isp2 (the routers: the others)."""
+    on_internet = [
+        n for n, s in project.services.items() if any(a.network == "internet" for a in s.networks)
+    ]
+    assert len(on_internet) > 10
+    for name in on_internet:
         routes = parse_routes(env_of(project, name).get("NTM_LAB_ROUTES", ""))
-        assert (("-6",), ("2001:db8:b::/64", "via", "2001:db8:100::3")) in routes, name
+        for router, prefixes in ROUTED.items():
+            if router == name:
+                continue
+            for opts, prefix, via in prefixes:
+                assert (opts, (prefix, "via", via)) in routes, (name, prefix)
+
+
+def test_ntma2_has_split_access_and_a_weighted_multipath_default(project: Project) -> None:
+    env = env_of(project, "ntma2")
+    routes = parse_routes(env["NTM_LAB_ROUTES"])
+    multipath = "default nexthop via 192.0.2.1 weight 2 nexthop via 203.0.113.1 weight 1"
+    assert ((), tuple(multipath.split())) in routes
+    assert ((), ("default", "via", "192.0.2.1", "table", "101")) in routes
+    assert ((), ("default", "via", "203.0.113.1", "table", "102")) in routes
+    assert (("-6",), ("default", "via", "2001:db8:201::1", "table", "101")) in routes
+    assert (("-6",), ("default", "via", "2001:db8:202::1", "table", "102")) in routes
+    assert parse_routes(env["NTM_LAB_RULES"], "NTM_LAB_RULES") == [
+        ((), ("from", "192.0.2.10", "lookup", "101")),
+        (("-6",), ("from", "2001:db8:201::10", "lookup", "101")),
+        ((), ("from", "203.0.113.10", "lookup", "102")),
+        (("-6",), ("from", "2001:db8:202::10", "lookup", "102")),
+    ]
+    sysctls = project.services["ntma2"].sysctls
+    assert sysctls["net.ipv4.conf.all.ignore_routes_with_linkdown"] == "1"
+    for router in ("rtr-isp1", "rtr-isp2"):
+        assert project.services[router].sysctls == {
+            "net.ipv4.ip_forward": "1",
+            "net.ipv6.conf.all.forwarding": "1",
+        }
+
+
+def test_both_ntma_configs_load_as_gateways_of_one_service(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from adaptor import config as adaptor_config
+
+    (tmp_path / "pki").mkdir()
+    for f in ("ca.pem", "ntma1.pem", "ntma1.key", "ntma2.pem", "ntma2.key"):
+        (tmp_path / "pki" / f).touch()
+    monkeypatch.setenv("NTM_LAB_STATE", str(tmp_path))
+    one = adaptor_config.load(REPO / "lab" / "config" / "ntma1.toml")
+    two = adaptor_config.load(REPO / "lab" / "config" / "ntma2.toml")
+    assert one.node.fqdn == two.node.fqdn == "www.ntm.example.com"
+    assert (one.gateway, two.gateway) == ("ntma1.ntm.example.com", "ntma2.ntm.example.com")
+    assert one.weight > two.weight > 0
+    assert two.node.tunnel_addresses == (
+        "192.0.2.10",
+        "2001:db8:201::10",
+        "203.0.113.10",
+        "2001:db8:202::10",
+    )
+    assert two.public_addresses == ()
+
+
+def test_both_ntmas_claim_within_the_lbs_next_hop_networks(project: Project) -> None:
+    lb = tomllib.loads((REPO / "lab" / "config" / "lb.toml").read_text())
+    nets = [ipaddress.ip_network(n) for n in lb["claims"]["next_hop_networks"]]
+    for ntma in ("ntma1", "ntma2"):
+        conf = tomllib.loads((REPO / "lab" / "config" / f"{ntma}.toml").read_text())
+        hop = conf["adaptor"]["next_hop"]
+        assert any(ipaddress.ip_address(hop) in n for n in nets), ntma
+        dmz = [a for a in project.services[ntma].networks if a.network == "dmz"]
+        assert dmz[0].addresses == (f"{hop}/24",), ntma
+        assert conf["node"]["fqdn"] == "www.ntm.example.com"
 
 
 def test_mn1_starts_behind_nat_a_and_can_roam_to_access_b(project: Project) -> None:
@@ -148,8 +243,8 @@ def test_mn1_starts_behind_nat_a_and_can_roam_to_access_b(project: Project) -> N
 def test_load_balanced_service_routes_without_snat(project: Project) -> None:
     """ntma1 forwards (no masquerade); the LB's replies go back through ntma1; web1..3
     route via the LB. Nothing on the NTMA -> LB -> web path masquerades the MN's vIP."""
-    for router in ("ntma1", "lb"):
-        assert project.services[router].sysctls == {"net.ipv4.ip_forward": "1"}
+    for router in ("ntma1", "ntma2", "lb"):
+        assert project.services[router].sysctls["net.ipv4.ip_forward"] == "1"
         assert "NTM_LAB_MASQUERADE" not in env_of(project, router)
     lb_routes = parse_routes(env_of(project, "lb")["NTM_LAB_ROUTES"])
     assert ((), ("default", "via", "10.30.0.2")) in lb_routes
@@ -161,6 +256,8 @@ def test_load_balanced_service_routes_without_snat(project: Project) -> None:
         ]
     order = project.start_order()
     assert order.index("web1") < order.index("lb") < order.index("ntma1")
+    assert order.index("lb") < order.index("ntma2")
+    assert order.index("rtr-isp1") < order.index("ntma2")
 
 
 def test_start_order_respects_dependencies(project: Project) -> None:
@@ -195,7 +292,18 @@ def test_lab_object_names_fit_and_do_not_clash(project: Project) -> None:
     assert len(set(ports)) == len(ports)
     ifnames = [names.bridge_name(n) for n in project.networks]
     assert all(len(n) <= names.IFNAME_MAX for n in ports + ifnames)
-    assert ifnames == ["internet", "access-a", "site-b", "access-b", "dmz", "backend"]
+    assert ifnames == [
+        "internet",
+        "access-a",
+        "site-b",
+        "access-b",
+        "isp1",
+        "isp2",
+        "dmz",
+        "backend",
+    ]
+    groups = [names.network_group(n) for n in project.networks]
+    assert len(set(groups)) == len(groups) and 0 not in groups
 
 
 @pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose not installed")
@@ -227,8 +335,10 @@ def test_pki_spec_names_every_identity_of_the_lab() -> None:
         "cn3": ("node", ["cn3.ntm.example.net"]),
         "rs1": ("relay", ["rs1.relay.example.com"]),
         "rs2": ("relay", ["rs2.relay.example.com"]),
-        "ntma1": ("adaptor", ["www.ntm.example.com"]),
+        "ntma1": ("adaptor", ["www.ntm.example.com", "ntma1.ntm.example.com"]),
+        "ntma2": ("adaptor", ["www.ntm.example.com", "ntma2.ntm.example.com"]),
         "lb": ("lb", ["lb.dmz.example.com"]),
+        "swarm": ("node", ["s{0..255}.swarm.ntm.example.com"]),
     }
 
 

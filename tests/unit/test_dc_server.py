@@ -28,6 +28,8 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ca.issue(d, "dc1", "dc", dns=["dc1.ntm.example.com"], ips=["127.0.0.1"])
     ca.issue(d, "mn1", "node", dns=["mn1.ntm.example.com"])
     ca.issue(d, "cn2", "node", dns=["cn2.ntm.example.com"])
+    for gw in ("ntma1", "ntma2"):
+        ca.issue(d, gw, "adaptor", dns=["www.ntm.example.com", f"{gw}.ntm.example.com"])
     return d
 
 
@@ -188,5 +190,166 @@ def test_responder_that_refuses_gives_a_clear_error(pki: Path, tmp_path: Path) -
         answer = await ask(mn1, m.DirectionRequest("mn1.ntm.example.com", "cn2.ntm.example.com"))
         assert isinstance(answer, m.ErrorMessage)
         assert answer.code is m.ErrorCode.PEER_UNREACHABLE and "refused" in answer.reason
+
+    run(with_dc(pki, tmp_path, body))
+
+
+# --- several gateways ---------------------------------------------------------------------
+
+WWW = "www.ntm.example.com"
+G1, G2 = "ntma1.ntm.example.com", "ntma2.ntm.example.com"
+
+
+def gateway_registration(gateway: str) -> m.Message:
+    return m.RegistrationRequest(WWW, KEY, 7400, (("127.0.0.1", 7400),), gateway, 100)
+
+
+def test_direction_to_a_service_goes_through_one_gateway_and_names_the_others(
+    pki: Path, tmp_path: Path
+) -> None:
+    async def body(server: DcServer, connect: Callable[..., Any]) -> None:
+        pushed: dict[str, list[m.RouteDirection]] = {G1: [], G2: []}
+        refuse: set[str] = set()
+
+        def gateway_handler(name: str) -> Any:
+            async def handler(_c: ControlConnection, payload: bytes) -> bytes:
+                rd = m.decode_as(payload, m.RouteDirection)
+                pushed[name].append(rd)
+                if name in refuse:
+                    return m.encode(m.ErrorMessage(m.ErrorCode.INTERNAL, "busy"))
+                return m.encode(m.RouteDirectionAck(rd.path_id))
+
+            return handler
+
+        g1 = await connect("ntma1", gateway_handler(G1))
+        g2 = await connect("ntma2", gateway_handler(G2))
+        mn1 = await connect("mn1")
+        for conn, gw in ((g1, G1), (g2, G2)):
+            assert isinstance(await ask(conn, gateway_registration(gw)), m.RegistrationResponse)
+        await ask(mn1, registration("mn1.ntm.example.com"))
+        # a gateway name may only be registered from its own certificate
+        stolen = await ask(g1, gateway_registration(G2))
+        assert isinstance(stolen, m.ErrorMessage) and stolen.code is m.ErrorCode.NOT_AUTHORIZED
+
+        rd = await ask(mn1, m.DirectionRequest("mn1.ntm.example.com", WWW))
+        assert isinstance(rd, m.RouteDirection) and rd.gateway in (G1, G2)
+        chosen, other = rd.gateway, G2 if rd.gateway == G1 else G1
+        assert rd.alternatives == (other,)
+        assert [p.path_id for p in pushed[chosen]] == [rd.path_id] and not pushed[other]
+        assert pushed[chosen][0].gateway == chosen and pushed[chosen][0].alternatives == ()
+
+        # the chosen gateway refuses the next path: the DC goes through the other one
+        refuse.add(chosen)
+        rd2 = await ask(mn1, m.DirectionRequest("mn1.ntm.example.com", WWW))
+        assert isinstance(rd2, m.RouteDirection) and rd2.gateway == other
+        assert server.counters["gateway_retries"] == 1
+        # ...but not when the MN named the gateway
+        named = await ask(mn1, m.DirectionRequest("mn1.ntm.example.com", WWW, chosen))
+        assert isinstance(named, m.ErrorMessage) and "refused" in named.reason
+
+        status = server.status()
+        rows = {r["gateway"]: r for r in status["services"][WWW]["gateways"]}
+        assert rows[chosen]["connected"] and rows[chosen]["assignments"] == 0
+        assert rows[other]["assignments"] == 1  # the latest direction for mn1 went there
+
+    run(with_dc(pki, tmp_path, body))
+
+
+def test_gateway_reports_are_kept_and_shown_only_from_their_gateway(
+    pki: Path, tmp_path: Path
+) -> None:
+    async def body(server: DcServer, connect: Callable[..., Any]) -> None:
+        g1 = await connect("ntma1")
+        g2 = await connect("ntma2")
+        mn1 = await connect("mn1")
+        await ask(g1, gateway_registration(G1))
+        await ask(g2, gateway_registration(G2))
+        await ask(mn1, registration("mn1.ntm.example.com"))
+        report = m.GatewayReport(WWW, G1, 3, 12_000, 1_500, 20_000)
+        assert await ask(g1, report) == m.GatewayReportAck(G1)
+        for conn in (g2, mn1):
+            refused = await ask(conn, report)
+            assert isinstance(refused, m.ErrorMessage)
+            assert refused.code is m.ErrorCode.NOT_REGISTERED
+        assert server.coordinator.counters["report_refused"] == 2
+        rows = {r["gateway"]: r for r in server.status()["services"][WWW]["gateways"]}
+        assert (rows[G1]["tunnels"], rows[G1]["rtt_us"], rows[G1]["loss_ppm"]) == (
+            3,
+            12_000,
+            20_000,
+        )
+        assert rows[G1]["effective_weight"] < 100 and rows[G2]["tunnels"] is None
+        assert rows[G1]["hold_down_left"] > 0  # just connected; default hold-down 30 s
+
+        # disconnect: no longer connected, DNS answers from the other gateway only
+        await g1.close()
+        for _ in range(100):
+            if not server.registry.gateway(WWW, G1).handle:  # type: ignore[union-attr]
+                break
+            await asyncio.sleep(0.05)
+        rows = {r["gateway"]: r for r in server.status()["services"][WWW]["gateways"]}
+        assert not rows[G1]["connected"] and rows[G2]["connected"]
+        assert server._zone_lookup(WWW) == ["127.0.0.1"]
+
+    run(with_dc(pki, tmp_path, body))
+
+
+def test_dc_client_registers_as_a_gateway_reports_and_asks_for_one(
+    pki: Path, tmp_path: Path
+) -> None:
+    """The node-side API (ntm_node.dc_client) against the real DC."""
+    from types import SimpleNamespace
+
+    from ntm_io.netwatch import AddressSet
+    from ntm_node.dc_client import DcClient, DirectionError
+
+    async def body(server: DcServer, connect: Callable[..., Any]) -> None:
+        def client(name: str, fqdn: str, on_push: Any) -> DcClient:
+            cfg = SimpleNamespace(
+                fqdn=fqdn,
+                tunnel_port=7400,
+                dc_addresses=("127.0.0.1",),
+                dc_port=server.config.quic_port,
+                dc_server_name="dc1.ntm.example.com",
+                ca=str(pki / "ca.pem"),
+                cert=str(pki / f"{name}.pem"),
+                key=str(pki / f"{name}.key"),
+            )
+            return DcClient(
+                cfg,  # type: ignore[arg-type]
+                KEY,
+                addresses=lambda: AddressSet(ipv4=("127.0.0.1",)),
+                on_push=on_push,
+                on_registered=lambda _r: None,
+            )
+
+        async def ack(rd: m.RouteDirection) -> m.Message:
+            return m.RouteDirectionAck(rd.path_id)
+
+        gw1, gw2 = client("ntma1", WWW, ack), client("ntma2", WWW, ack)
+        gw1.gateway, gw2.gateway, gw2.weight = G1, G2, 0
+        mn = client("mn1", "mn1.ntm.example.com", ack)
+        tasks = [asyncio.create_task(c.run()) for c in (gw1, gw2, mn)]
+        try:
+            for c in (gw1, gw2, mn):
+                await asyncio.wait_for(c.registered.wait(), 10)
+            assert server.registry.gateway(WWW, G2).weight == 0  # type: ignore[union-attr]
+            await gw1.report(m.GatewayReport(WWW, G1, 1, 1000, 100, 0))
+            assert gw1.counters["reports"] == 1
+            with pytest.raises(DirectionError) as refused:
+                await gw2.report(m.GatewayReport(WWW, G1, 1, 1000, 100, 0))
+            assert refused.value.code is m.ErrorCode.NOT_REGISTERED
+            rd = await mn.request_direction(WWW)
+            assert rd.gateway == G1 and rd.alternatives == ()  # ntma2 drains (weight 0)
+            with pytest.raises(DirectionError) as drained:
+                await mn.request_direction(WWW, gateway=G2)
+            assert drained.value.code is m.ErrorCode.PEER_UNREACHABLE
+            assert "draining" in str(drained.value)
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for c in (gw1, gw2, mn):
+                await c._drop_connection()
 
     run(with_dc(pki, tmp_path, body))

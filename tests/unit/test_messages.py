@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import struct
 
 import pytest
@@ -42,6 +43,43 @@ SAMPLES: list[m.Message] = [
         lifetime=3600,
         relay_key=bytes(32),
     ),
+    m.RegistrationRequest(
+        fqdn="www.ntm.example.com",
+        static_key=KEY,
+        tunnel_port=7400,
+        endpoints=(("198.51.100.60", 7400),),
+        gateway="ntma1.ntm.example.com",
+        weight=0,
+        ordinary_clients=False,
+    ),
+    m.DirectionRequest(
+        source="mn1.ntm.example.com",
+        target="www.ntm.example.com",
+        gateway="ntma2.ntm.example.com",
+    ),
+    m.RouteDirection(
+        path_id=b"\x03" * 8,
+        kind=m.RouteKind.DIRECT,
+        role=m.PathRole.INITIATOR,
+        peer_fqdn="www.ntm.example.com",
+        peer_vip="100.64.0.10",
+        peer_key=KEY,
+        peer_endpoints=(("198.51.100.60", 7400),),
+        relay=None,
+        lifetime=3600,
+        relay_key=bytes(32),
+        gateway="ntma1.ntm.example.com",
+        alternatives=("ntma2.ntm.example.com", "ntma3.ntm.example.com"),
+    ),
+    m.GatewayReport(
+        fqdn="www.ntm.example.com",
+        gateway="ntma1.ntm.example.com",
+        tunnels=3,
+        rtt_us=1500,
+        jitter_us=200,
+        loss_ppm=1_000_000,
+    ),
+    m.GatewayReportAck(gateway="ntma1.ntm.example.com"),
     m.RouteDirectionAck(path_id=b"\x02" * 8),
     m.ErrorMessage(m.ErrorCode.NOT_AUTHORIZED, "not in your certificate"),
     m.TunnelRequest(timestamp=2**63, initiator_vip="100.64.0.1"),
@@ -152,3 +190,49 @@ def test_mutated_messages_decode_or_raise_typed(msg: m.Message, data: st.DataObj
 def test_endpoint_lists_round_trip(eps: list[tuple[str, int]], port: int) -> None:
     msg = m.RegistrationRequest("n.ntm.example.com", KEY, port, tuple(eps))
     assert m.decode(m.encode(msg)) == msg
+
+
+def test_new_fields_default_to_single_gateway_behaviour() -> None:
+    req = m.RegistrationRequest("n.ntm.example.com", KEY, 7400, ())
+    assert (req.gateway, req.weight, req.ordinary_clients) == ("", 100, True)
+    assert m.DirectionRequest("a.ntm.example.com", "b.ntm.example.com").gateway == ""
+    rd = SAMPLES[3]
+    assert isinstance(rd, m.RouteDirection)
+    assert (rd.gateway, rd.alternatives) == ("", ())
+    # Defaults are encoded too: the empty gateway is a zero-length text.
+    assert m.encode(req).endswith(b"\x00\x00" + struct.pack("!H", 100) + b"\x01")
+
+
+def test_gateway_fields_are_checked() -> None:
+    with pytest.raises(LocalProtocolError):
+        m.encode(m.DirectionRequest("a.ntm.example.com", "b.ntm.example.com", gateway="Bad."))
+    with pytest.raises(LocalProtocolError):
+        m.encode(m.RegistrationRequest("n.ntm.example.com", KEY, 7400, (), weight=70000))
+    rd = SAMPLES[3]
+    assert isinstance(rd, m.RouteDirection)
+    too_many = tuple(f"g{i}.ntm.example.com" for i in range(m.MAX_ALTERNATIVES + 1))
+    with pytest.raises(LocalProtocolError):
+        m.encode(dataclasses.replace(rd, alternatives=too_many))
+    with pytest.raises(LocalProtocolError):
+        m.encode(dataclasses.replace(rd, alternatives=("g.ntm.example.com",) * 2))
+
+
+def test_repeated_alternatives_rejected_on_decode() -> None:
+    rd = SAMPLES[3]
+    assert isinstance(rd, m.RouteDirection)
+    one = m.encode(dataclasses.replace(rd, alternatives=("g.ntm.example.com", "h.ntm.example.com")))
+    twice = one.replace(b"h.ntm", b"g.ntm")
+    with pytest.raises(DecodeError) as exc:
+        m.decode(twice)
+    assert exc.value.reason == "bad_field"
+
+
+def test_loss_above_one_million_ppm_rejected() -> None:
+    report = m.GatewayReport("www.ntm.example.com", "g.ntm.example.com", 0, 0, 0, 1_000_000)
+    with pytest.raises(LocalProtocolError):
+        m.encode(dataclasses.replace(report, loss_ppm=1_000_001))
+    raw = m.encode(report)
+    bad = raw[:-4] + struct.pack("!I", 1_000_001)
+    with pytest.raises(DecodeError) as exc:
+        m.decode(bad)
+    assert exc.value.reason == "bad_field"

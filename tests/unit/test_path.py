@@ -783,3 +783,57 @@ def test_timestamp_grows_even_if_wall_clock_steps_back() -> None:
     assert pr.receive_datagram(second, I_ADDR, 1.0, WALL0) is None  # accepted: newer
     assert pr.counters.get("drop_handshake_replayed", 0) == 0
     assert len(pr.datagrams_to_send(1.0)) == 2
+
+
+# --- liveness inputs and trying another peer address (gateway uplinks) ----------------------
+
+R_ADDR2: Endpoint = ("203.0.113.30", 7400)  # the responder's second uplink
+
+
+def test_last_received_counts_authenticated_packets_only() -> None:
+    sim, _a, b, pi, pr = pair()
+    assert pi.last_received == 0.0
+    sim.run(0.1)  # the RESP (and the responder's keepalive) authenticated
+    assert 0.0 < pi.last_received <= 0.1 and pr.last_received > 0.0
+    heard = pi.last_received
+    sim.now = 5.0
+    forged = bytearray(sim.sent[-1][1])
+    forged[-1] ^= 1
+    sim.inject(bytes(forged), R_ADDR, sim.nodes[0])
+    assert pi.last_received == heard  # a forgery is not life
+    assert sim.send_ip(b, b"E-life")
+    sim.run(0.1)
+    assert pi.last_received == pytest.approx(5.005)
+
+
+def test_try_peer_address_moves_only_on_an_authenticated_answer() -> None:
+    sim, a, b, pi, pr = established()
+    seq = pi.try_peer_address(R_ADDR2, sim.now)
+    assert seq is not None
+    probes = pi.datagrams_to_send(sim.now)
+    assert [dst for _, dst in probes] == [R_ADDR2]  # only there, not to peer_address
+    assert pi.peer_address == R_ADDR  # nothing moves yet
+    # A forged "answer" from the second address moves nothing.
+    forged = bytearray(probes[0][0])
+    forged[-1] ^= 1
+    sim.inject(bytes(forged), R_ADDR2, a)
+    assert pi.peer_address == R_ADDR
+    # The responder gets the probe (on its second uplink) and answers.
+    assert b.ep.receive_datagram(probes[0][0], I_ADDR, sim.now, sim.wall) is None
+    answers = b.ep.datagrams_to_send(sim.now)
+    assert [dst for _, dst in answers] == [I_ADDR] and pr.peer_address == I_ADDR
+    # The answer arriving from the second uplink moves the path there.
+    sim.inject(answers[0][0], R_ADDR2, a)
+    assert pi.peer_address == R_ADDR2
+    assert a.of_type(PeerAddressChanged)[-1] == PeerAddressChanged(R_ADDR, R_ADDR2)
+    results = a.of_type(ProbeResult)
+    assert len(results) == 1 and isinstance(results[0], ProbeResult) and results[0].seq == seq
+    # Replayed from anywhere else, the same answer takes nothing away.
+    sim.inject(answers[0][0], ATTACKER, a)
+    sim.inject(answers[0][0], R_ADDR, a)
+    assert pi.peer_address == R_ADDR2
+
+
+def test_try_peer_address_needs_an_established_path() -> None:
+    _sim, _a, _b, pi, _pr = pair()
+    assert pi.try_peer_address(R_ADDR2, 0.0) is None
