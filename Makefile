@@ -5,7 +5,7 @@ PY    := $(VENV)/bin/python
 NTM   := $(VENV)/bin/ntm
 APT_PACKAGES := iproute2 nftables nsd unbound curl tcpdump iputils-ping procps \
                 python3-venv python3-dev gcc docker-compose \
-                user-mode-linux kmod ipvsadm
+                user-mode-linux kmod ipvsadm iptables
 STAMP := $(VENV)/.setup-done
 
 .PHONY: setup demo test test-unit test-lab test-ipvs lint typecheck bench clean lab-down

@@ -73,6 +73,10 @@ def nft(script: str) -> None:
         )
     except FileNotFoundError:
         raise NftError("nft is not installed (apt install nftables)") from None
+    except subprocess.TimeoutExpired:
+        raise NftError(
+            "nft did not finish within 10 s (machine overloaded?); retried at the next registration"
+        ) from None
     if done.returncode != 0:
         raise NftError(done.stderr.strip() or f"nft exited {done.returncode}")
 

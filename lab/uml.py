@@ -5,12 +5,17 @@ with `ip_vs*.ko`, `veth.ko`, `tun.ko` and the nftables modules under /usr/lib/um
 boots with the host's filesystem as its root (hostfs), so the repo and its venv run unchanged.
 Recipe and caveats: ../shared/ENVIRONMENT.md, "Real IPVS: User-Mode Linux".
 
-    python -m lab.uml -- python -m pytest -q -m ipvs tests/ipvs
+    python -m lab.uml -- python -m pytest -q -m ipvs tests/ipvs/test_ipvs_lane.py
+    python -m lab.uml --timeout 1200 --mem 2G -- python -m pytest -v tests/ipvs  # + NTM lab
 
 Isolation: hostfs writes land on the host, so the init script mounts tmpfs over /run (so
-`ip netns add` inside UML never touches the host's /run/netns) and points TMPDIR at /run/tmp
-(not over /tmp: the checkout may live there), and the command gets only a private host temp
-dir (seen inside as /run/uml-io) for its status and output.
+`ip netns add` inside UML never touches the host's /run/netns) and over /etc/netns (where the
+lab runner writes each namespace's resolv.conf), points TMPDIR at /run/tmp (not over /tmp: the
+checkout may live there), and the command gets only a private host temp dir (seen inside as
+/run/uml-io) for its status and output.
+
+The kernel's nf_tables lacks the ip/ip6/inet families (only `bridge`), so `nft` rules cannot
+work inside; the xtables modules are loaded instead (see tests/ipvs/nft_xtables.py).
 UML's own exit status does not carry the command's, hence the status file.
 """
 
@@ -47,6 +52,16 @@ DEFAULT_MODULES: tuple[str, ...] = (
     "tun",
     "nf_tables",
     "sch_netem",
+    # the netns lab runner (one bridge per network) and the xtables NAT that stands in for
+    # nftables: this kernel has nf_tables without its ip/ip6/inet families
+    "bridge",
+    "ip_tables",
+    "iptable_nat",
+    "iptable_filter",
+    "xt_nat",
+    "xt_conntrack",
+    "xt_comment",
+    "xt_tcpudp",
 )
 IO_DIR = "/run/uml-io"  # where the private host temp dir appears inside UML
 SETUP_HINT = "run `make setup` (or: apt-get install -y user-mode-linux kmod ipvsadm)"
@@ -113,6 +128,9 @@ mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t tmpfs -o mode=0755 tmpfs /run
 mkdir -p {IO_DIR} /run/netns
+# `ip netns exec` reads /etc/netns/<ns>/resolv.conf, which the lab runner writes: keep those
+# off the host too (the host's /etc/netns may hold a host lab's files; it is hidden here).
+mkdir -p /etc/netns && mount -t tmpfs -o mode=0755 tmpfs /etc/netns
 mount --bind {shlex.quote(str(io_host))} {IO_DIR} || {{ echo "uml-init: no io dir"; poweroff -f; }}
 # A private temp dir under the /run tmpfs; /tmp itself stays the host's, because the
 # checkout (and its venv) may live there, as CI's fresh clones can.
@@ -246,16 +264,23 @@ def _tail(path: Path, size: int = 3000) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    timeout = 300.0
-    if args[:1] == ["--timeout"] and len(args) >= 2:
-        timeout, args = float(args[1]), args[2:]
+    timeout, mem = 300.0, "1G"
+    while args[:1] in (["--timeout"], ["--mem"]) and len(args) >= 2:
+        if args[0] == "--timeout":
+            timeout = float(args[1])
+        else:
+            mem = args[1]
+        args = args[2:]
     if args[:1] == ["--"]:
         args = args[1:]
     if not args:
-        print("usage: python -m lab.uml [--timeout S] -- COMMAND [ARG...]", file=sys.stderr)
+        print(
+            "usage: python -m lab.uml [--timeout S] [--mem SIZE] -- COMMAND [ARG...]",
+            file=sys.stderr,
+        )
         return 2
     try:
-        result = run_in_uml(args, timeout=timeout)
+        result = run_in_uml(args, timeout=timeout, mem=mem)
     except UmlError as error:
         print(f"lab.uml: {error}", file=sys.stderr)
         return 1
