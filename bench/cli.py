@@ -1,4 +1,5 @@
-"""`ntm bench`: tunnel vs OpenVPN vs plain, name-to-tunnel set-up, DC capacity.
+"""`ntm bench`: tunnel vs OpenVPN vs plain, relayed vs direct, the LB service through the
+NTMA vs straight to its VIP, health-check timings, name-to-tunnel set-up, DC capacity.
 
 Numbers are reported, never asserted: the exit status is 0 unless a benchmark itself broke
 (1) or was interrupted (130). Everything created (lab, namespaces, processes) goes away on
@@ -8,6 +9,7 @@ every exit path, Ctrl-C and SIGTERM included.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -25,45 +27,52 @@ from typing import Any
 
 from ntm_io.config import ConfigError
 
-from . import openvpn, procstat, profile, report, tunnel
+from . import lb, openvpn, procstat, profile, report, tunnel
 from .dc_capacity import run_dc
 from .iperf import IperfError, parse_iperf3
 from .labctl import CN, CN_ADDRESS, DIRECT_ADDRESS, DIRECT_NODE, BenchLab, LabFailure
 from .nsproc import Processes, in_ns
-from .setup_time import probe_argv, run_setup
+from .relay_tput import run_relay
+from .setup_time import KINDS, probe_argv, run_setup
 
-SECTIONS = ("tunnel", "latency", "setup", "dc")
-LAB_SECTIONS = frozenset({"tunnel", "latency", "setup"})
+SECTIONS = ("tunnel", "latency", "relay", "lb", "health", "setup", "dc")
+LAB_SECTIONS = frozenset(SECTIONS) - {"dc"}
 NAT_CLIENT = "mn1"
 TUN_MTU_DEFAULT = 1400
 
 
 @dataclass(frozen=True)
 class Plan:
-    """How long and how often; --quick keeps the whole run under 3 minutes."""
+    """How long and how often; --quick is for a look, the full run for the figures."""
 
     quick: bool
     iperf_seconds: int
     iperf_rounds: int
     pings: int
     ping_interval: float
-    setup_runs: int
+    setup_runs: int  # per path kind; each restarts the client's node
     dc_nodes: int
     dc_plans: int
     dc_seconds: float
     profile_seconds: int
+    lb_seconds: float  # each HTTP load run
+    lb_rounds: int
+    lb_concurrency: int
+    health_cycles: int
 
     @classmethod
-    def make(cls, quick: bool) -> Plan:
+    def make(cls, quick: bool, setup_runs: int | None = None) -> Plan:
         if quick:
-            return cls(True, 3, 1, 200, 0.01, 20, 100_000, 5_000, 3.0, 5)
-        return cls(False, 6, 3, 500, 0.01, 100, 100_000, 20_000, 8.0, 10)
+            plan = cls(True, 3, 1, 200, 0.01, 20, 100_000, 5_000, 3.0, 5, 3.0, 1, 6, 2)
+        else:
+            plan = cls(False, 6, 3, 500, 0.01, 100, 100_000, 20_000, 8.0, 10, 8.0, 3, 6, 5)
+        if setup_runs is not None:
+            plan = dataclasses.replace(plan, setup_runs=setup_runs)
+        return plan
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--quick", action="store_true", help="shorter tests and fewer runs (under 3 minutes)"
-    )
+    parser.add_argument("--quick", action="store_true", help="shorter tests, fewer runs")
     parser.add_argument(
         "--out",
         type=Path,
@@ -80,6 +89,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="also sample both tunnel nodes with py-spy under a TCP load (top frames in the "
         "JSON, raw stacks beside it)",
+    )
+    parser.add_argument(
+        "--setup-runs",
+        type=int,
+        default=None,
+        metavar="N",
+        help="set-up runs per path kind (default 100, 20 with --quick)",
     )
     parser.add_argument(
         "--keep-work",
@@ -110,6 +126,8 @@ def _check_machine(sections: list[str]) -> None:
     needed = {"ip": "iproute2", "ping": "iputils-ping"}
     if {"tunnel", "latency"} & set(sections):
         needed |= {"iperf3": "iperf3", "openvpn": "openvpn"}
+    if "relay" in sections:
+        needed |= {"iperf3": "iperf3"}
     missing = sorted({pkg for tool, pkg in needed.items() if shutil.which(tool) is None})
     if missing:
         raise ConfigError(
@@ -130,7 +148,9 @@ def _interrupt(signum: int, _frame: FrameType | None) -> None:
 def run(args: argparse.Namespace) -> int:
     sections = parse_only(args.only)
     _check_machine(sections)
-    plan = Plan.make(args.quick)
+    if args.setup_runs is not None and args.setup_runs < 1:
+        raise ConfigError(f"--setup-runs {args.setup_runs}: give at least 1")
+    plan = Plan.make(args.quick, args.setup_runs)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = args.out or Path("results") / f"bench-{stamp}.json"
     doc: dict[str, Any] = {
@@ -185,6 +205,7 @@ def _nested_errors(doc: dict[str, Any], section: str, result: Any) -> None:
     if isinstance(result, dict):
         failures = [result["error"]] if isinstance(result.get("error"), str) else []
         failures += [str(e) for e in result.get("failed_rounds", [])]
+        failures += [str(e) for e in result.get("failed_cycles", [])]
         for failure in failures:
             doc["errors"].append({"section": section, "error": failure})
             _progress(f"{section} failed: {failure}")
@@ -208,14 +229,21 @@ def _lab_sections(
     doc: dict[str, Any], work: Path, plan: Plan, sections: list[str], prof: bool, out: Path
 ) -> None:
     want_tunnel = bool({"tunnel", "latency"} & set(sections)) or prof
-    lab = BenchLab(work, with_direct=want_tunnel)
+    reach = bool({"relay", "setup"} & set(sections))
+    with_lb = bool({"lb", "health"} & set(sections))
+    try:
+        lab = BenchLab(work, with_direct=want_tunnel, reach=reach, lb=with_lb)
+    except LabFailure as exc:
+        _error(doc, "lab", exc)
+        return
     procs = Processes()
     clients = [NAT_CLIENT, DIRECT_NODE] if want_tunnel else [NAT_CLIENT]
+    others = (["cn1"] if reach else []) + ([lb.NTMA] if with_lb else [])
     try:
         _progress(f"lab {lab.name} up (state {lab.state})")
         try:
             lab.up()
-            for svc in (CN, *clients):
+            for svc in (CN, *clients, *others):
                 lab.wait_registered(svc)
         except LabFailure as exc:
             _error(doc, "lab", exc)
@@ -246,11 +274,42 @@ def _lab_sections(
         if want_tunnel:
             _tunnel_sections(doc, lab, procs, work, plan, sections, prof, out, clients)
             doc["node_rss"]["after_load"] = _rss_mb(lab, [CN, *clients])
-        if "setup" in sections:
-            _progress(f"setup: {plan.setup_runs} runs, each restarting {NAT_CLIENT}")
+        if "relay" in sections:
+            settings = tunnel.Settings(
+                plan.iperf_seconds, plan.iperf_rounds, plan.pings, plan.ping_interval, 0
+            )
             try:
-                doc["setup"] = run_setup(lab, NAT_CLIENT, plan.setup_runs, _progress)
-                doc.setdefault("commands", {})["setup_probe"] = shlex.join(probe_argv())
+                doc["relay"] = run_relay(lab, procs, work, settings, want_tunnel, _progress)
+                _nested_errors(doc, "relay", doc["relay"])
+            except (LabFailure, IperfError, OSError, subprocess.TimeoutExpired) as exc:
+                _error(doc, "relay", exc)
+        if "lb" in sections:
+            try:
+                doc["lb"] = lb.run_lb_load(
+                    lab, plan.lb_concurrency, plan.lb_seconds, plan.lb_rounds, _progress
+                )
+                _nested_errors(doc, "lb", doc["lb"])
+                cmd = lb.httpload_argv("URL", plan.lb_concurrency, plan.lb_seconds)
+                doc.setdefault("commands", {})["lb_load"] = "ip netns exec <client> " + shlex.join(
+                    cmd
+                )
+            except (LabFailure, OSError, subprocess.TimeoutExpired) as exc:
+                _error(doc, "lb", exc)
+        if "health" in sections:
+            _progress(f"health: {plan.health_cycles} x kill/start {lb.DOWN[0]}")
+            try:
+                doc["health"] = lb.run_health(lab, plan.health_cycles, _progress)
+                _nested_errors(doc, "health", doc["health"])
+            except (LabFailure, OSError, subprocess.TimeoutExpired) as exc:
+                _error(doc, "health", exc)
+        if "setup" in sections:
+            clients_text = ", ".join(dict.fromkeys(k.client for k in KINDS))
+            _progress(f"setup: {plan.setup_runs} runs per kind, each restarting {clients_text}")
+            try:
+                doc["setup"] = run_setup(lab, plan.setup_runs, min(plan.pings, 200), _progress)
+                doc.setdefault("commands", {})["setup_probe"] = shlex.join(
+                    probe_argv([k.name for k in KINDS if k.client == NAT_CLIENT])
+                )
             except (LabFailure, OSError, subprocess.TimeoutExpired) as exc:
                 _error(doc, "setup", exc)
     finally:

@@ -1,7 +1,11 @@
-"""The benchmark's own lab: compose.yaml plus one extra node beside cn2 (no NAT between).
+"""The benchmark's own lab: a subset of compose.yaml, plus two hosts of its own.
 
-Driven only through `ntm lab` (like the integration tests), under a unique name and a
-private state directory, so a benchmark never touches another lab and `down` finds all.
+Only what the chosen sections measure is started (fewer idle daemons on a small machine):
+the base (mn1 behind nat-a, cn2, dc1, DNS, plainweb), plus `direct` (an extra node `mnd`
+beside cn2, no NAT between), `reach` (cn1 behind nat-b, the relays) and `lb` (ntma1, the LB
+agent, web1..3 and a plain client `dmzc` on dmz). Driven only through `ntm lab` (like the
+integration tests), under a unique name and a private state directory, so a benchmark never
+touches another lab and `down` finds all.
 """
 
 from __future__ import annotations
@@ -26,13 +30,25 @@ UP_TIMEOUT = 240.0
 DOWN_TIMEOUT = 120.0
 
 # The extra node: on `internet` beside cn2, IPv4 only like mn1, so the pair differs from
-# mn1<->cn2 only by the NAT.
+# mn1<->cn2 only by the NAT. The benchmark's own hosts take high addresses, away from the
+# lab's plan; bench_compose refuses to build a lab where compose.yaml took them meanwhile.
 DIRECT_NODE = "mnd"
-DIRECT_ADDRESS = "198.51.100.50"
+DIRECT_ADDRESS = "198.51.100.200"
 CN = "cn2"
 CN_ADDRESS = "198.51.100.30"
 PLAIN_WEB = "198.51.100.40"
+DC_ADDRESS = "198.51.100.20"
+RESOLVER = "198.51.100.11"
+# A plain host on dmz beside the NTMA: sends the same HTTP load straight to the LB's VIP.
+DMZ_CLIENT = "dmzc"
+DMZ_CLIENT_ADDRESS = "10.30.0.200"
+LB_VIP = "10.30.0.100"
+NTMA_PUBLIC = "198.51.100.60"
 KEEP = ("pki", "dns", "resolver", "nat-a", "dc1", "cn2", "plainweb", "mn1")
+FEATURES = {
+    "reach": ("nat-b", "cn1", "rs1", "rs2"),
+    "lb": ("ntma1", "lb", "web1", "web2", "web3"),
+}
 
 
 class LabFailure(Exception):
@@ -51,12 +67,31 @@ def _keep_deps(spec: dict[str, Any], allowed: set[str]) -> None:
         spec["depends_on"] = [d for d in deps if d in allowed]
 
 
-def bench_compose(work: Path, with_direct: bool) -> Path:
+def taken_addresses(services: dict[str, Any]) -> set[str]:
+    """Every fixed address the services of a compose file claim, on any network."""
+    out: set[str] = set()
+    for spec in services.values():
+        for net in (spec.get("networks") or {}).values():
+            if isinstance(net, dict):
+                out |= {str(net[k]) for k in ("ipv4_address", "ipv6_address") if k in net}
+    return out
+
+
+def bench_compose(work: Path, with_direct: bool, reach: bool = False, lb: bool = False) -> Path:
     """Write the benchmark's compose file (and the extra node's PKI spec and config)."""
     data: dict[str, Any] = yaml.safe_load(COMPOSE.read_text())
+    clash = {DIRECT_ADDRESS, DMZ_CLIENT_ADDRESS} & taken_addresses(data["services"])
+    if clash:
+        raise LabFailure(
+            f"compose.yaml now uses {', '.join(sorted(clash))}, an address of the benchmark's "
+            "own hosts: change DIRECT_ADDRESS / DMZ_CLIENT_ADDRESS in bench/labctl.py"
+        )
     # Only what the benchmark uses: fewer idle daemons, and a lab that grows elsewhere
     # does not change what is measured here.
-    services = {k: v for k, v in data["services"].items() if k in KEEP}
+    keep = set(KEEP)
+    keep |= set(FEATURES["reach"]) if reach else set()
+    keep |= set(FEATURES["lb"]) if lb else set()
+    services = {k: v for k, v in data["services"].items() if k in keep}
     for spec in services.values():
         _keep_deps(spec, set(services))
     data["services"] = services
@@ -80,18 +115,28 @@ def bench_compose(work: Path, with_direct: bool) -> Path:
             t.replace("mn1.sock", f"{DIRECT_NODE}.sock") for t in node["healthcheck"]["test"]
         ]
         services[DIRECT_NODE] = node
+    if lb:
+        plain = {k: v for k, v in services["lb"].items() if k in ("build", "image", "working_dir")}
+        services[DMZ_CLIENT] = {
+            **plain,
+            "command": ["sleep", "infinity"],
+            "networks": {"dmz": {"ipv4_address": DMZ_CLIENT_ADDRESS}},
+            "depends_on": {"lb": {"condition": "service_healthy"}},
+        }
     out = work / "compose.yaml"
     out.write_text(yaml.safe_dump(data, sort_keys=False))
     return out
 
 
 class BenchLab:
-    def __init__(self, work: Path, with_direct: bool) -> None:
+    def __init__(
+        self, work: Path, with_direct: bool, reach: bool = False, lb: bool = False
+    ) -> None:
         self.name = unique_name()
         self.work = work
         self.state = work / "state"  # short: unix socket paths are limited to 107 bytes
         self.with_direct = with_direct
-        self.compose = bench_compose(work, with_direct)
+        self.compose = bench_compose(work, with_direct, reach, lb)
         self.history: list[str] = []
 
     def ntm_lab(self, verb: str, *args: str, timeout: float = 60.0) -> str:
@@ -159,13 +204,13 @@ class BenchLab:
         )
         return [int(p) for p in done.stdout.split()]
 
-    def node_pid(self, service: str) -> int:
-        """The `ntm node` process of a service (cn2 runs it under `ntm lab run-all`)."""
+    def node_pid(self, service: str, role: str = "node") -> int:
+        """The `ntm <role>` process of a service (cn2 runs its node under `ntm lab run-all`)."""
         for pid in self.pids(service):
             argv = procstat.cmdline(pid)
-            if "node" in argv and "--config" in argv and "run-all" not in argv:
+            if role in argv and "--config" in argv and "run-all" not in argv:
                 return pid
-        raise LabFailure(f"no `ntm node` process runs in {self.ns(service)}")
+        raise LabFailure(f"no `ntm {role}` process runs in {self.ns(service)}")
 
     def mtu(self, service: str, ifname: str) -> int | None:
         done = subprocess.run(

@@ -1,8 +1,12 @@
 """Timing probe run inside a lab namespace: `python -m bench.probe setup ...`.
 
-Measures from the first DNS query byte to the first HTTP response byte, for a marked name
-(the node's stub builds the tunnel before it answers) and for a plain name, through the
-same stub. Runs as its own process so the timed part excludes interpreter start-up.
+For each marked name, in the order given: a plain DNS lookup of that name straight to the
+recursive resolver (the query the node's stub makes upstream, carrying the stub's firewall
+mark so the node's DNS redirect lets it pass), then the name through the node's stub with no
+tunnel yet ("cold": DNS query -> DC direction -> handshake -> answer -> first HTTP byte
+through the new tunnel), then the same name again ("warm", tunnel up). Last, a plain name
+through the same stub. Runs as its own process so the timed part excludes interpreter
+start-up; wall-clock stamps let a trace line the probe up with daemon logs or captures.
 """
 
 from __future__ import annotations
@@ -24,10 +28,12 @@ class ProbeError(Exception):
     pass
 
 
-def dns_a(name: str, server: str, port: int, timeout: float) -> str:
+def dns_a(name: str, server: str, port: int, timeout: float, mark: int = 0) -> str:
     """One UDP query for an A record; the last A in the answer (after any CNAME)."""
     query = DNSRecord.question(name, "A")
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        if mark:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
         sock.settimeout(timeout)
         sock.sendto(query.pack(), (server, port))
         while True:
@@ -48,41 +54,66 @@ def first_byte(address: str, port: int, host: str, timeout: float) -> None:
             raise ProbeError(f"{address}:{port} closed without answering")
 
 
-def timed(name: str, args: argparse.Namespace) -> dict[str, Any]:
+def timed(name: str, args: argparse.Namespace, marked: bool = True) -> dict[str, Any]:
+    """DNS through the stub, then the first HTTP byte from the answer's address."""
+    wall = time.time()
     t0 = time.perf_counter()
     address = dns_a(name, args.server, args.dns_port, args.timeout)
     t_dns = time.perf_counter()
+    via_tunnel = ipaddress.ip_address(address) in VIP_NET
+    if marked and not via_tunnel:
+        # The stub gave the ordinary answer: no tunnel within its direction timeout.
+        raise ProbeError(f"{name} answered {address}, not a vIP (no tunnel)")
     first_byte(address, args.http_port, name, args.timeout)
     t_fb = time.perf_counter()
     return {
-        "name": name,
         "answer": address,
-        "via_tunnel": ipaddress.ip_address(address) in VIP_NET,
+        "via_tunnel": via_tunnel,
+        "wall_start": round(wall, 6),
         "dns_ms": round((t_dns - t0) * 1000, 3),
         "first_byte_ms": round((t_fb - t0) * 1000, 3),
     }
 
 
+def plain_lookup(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    # Untimed first: the resolver's cache then holds what the stub's own upstream query
+    # will find a moment later, so both lookups see the same cache.
+    dns_a(name, args.upstream, 53, args.timeout, args.mark)
+    t0 = time.perf_counter()
+    address = dns_a(name, args.upstream, 53, args.timeout, args.mark)
+    return {"answer": address, "dns_ms": round((time.perf_counter() - t0) * 1000, 3)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.probe")
     sub = parser.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("setup", help="marked name (cold, then warm), then plain name")
-    p.add_argument("--marked", required=True)
+    p = sub.add_parser("setup", help="per marked name: plain lookup, cold, warm; then plain")
+    p.add_argument("--marked", action="append", required=True, help="repeat for more names")
     p.add_argument("--plain", required=True)
-    p.add_argument("--server", default="127.0.0.1")
+    p.add_argument("--server", default="127.0.0.1", help="the node's stub resolver")
+    p.add_argument("--upstream", required=True, help="the recursive resolver (plain lookups)")
+    p.add_argument("--mark", type=lambda v: int(v, 0), default=0, help="SO_MARK, e.g. 0x4e544d")
     p.add_argument("--dns-port", type=int, default=53)
     p.add_argument("--http-port", type=int, default=80)
     p.add_argument("--timeout", type=float, default=8.0)
     args = parser.parse_args(argv)
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {"names": {}}
+    for name in args.marked:
+        one: dict[str, Any] = {}
+        out["names"][name] = one
+        try:
+            one["plain_lookup"] = plain_lookup(name, args)
+            one["cold"] = timed(name, args)
+            one["warm"] = timed(name, args)  # the tunnel exists now
+        except (OSError, ProbeError) as exc:
+            one["error"] = f"{type(exc).__name__}: {exc}"
     try:
-        out["marked_cold"] = timed(args.marked, args)
-        out["marked_warm"] = timed(args.marked, args)  # the tunnel exists now
-        out["plain"] = timed(args.plain, args)
+        out["plain"] = timed(args.plain, args, marked=False)
     except (OSError, ProbeError) as exc:
         out["error"] = f"{type(exc).__name__}: {exc}"
     print(json.dumps(out))
-    return 0 if "error" not in out else 1
+    failed = "error" in out or any("error" in one for one in out["names"].values())
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

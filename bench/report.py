@@ -67,8 +67,21 @@ def _best_quic_level(doc: Mapping[str, Any]) -> tuple[str, Mapping[str, Any]] | 
 
 
 def goals(doc: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Issue 7's goals against this run; `met` is None when the figure is missing."""
+    """Issues 3 and 7's goals against this run; `met` is None when the figure is missing."""
     out: list[dict[str, Any]] = []
+    for key, kind in (_get(doc, "setup", "kinds") or {}).items():
+        target = _get(kind, "goal", "target_ms")
+        if target is None:
+            continue  # no goal for this kind (reverse), or no round trip measured
+        added = kind.get("added_ms_p50")
+        out.append(
+            _check(
+                f"tunnel set-up over a plain lookup, p50 ({key})",
+                f"<= {num(target, 2)} ms ({_get(kind, 'goal', 'goal')})",
+                f"{num(added, 2)} ms",
+                _get(kind, "goal", "met"),
+            )
+        )
     for key in ("nat", "direct"):
         r = _get(doc, "tunnel", key, "tcp", "ratios", "ntm/openvpn")
         if _get(doc, "tunnel", key) is not None:
@@ -188,8 +201,12 @@ def render(doc: Mapping[str, Any]) -> str:
                 [PAIR_LABEL.get(key, key), *cells, times(_get(per, "ratios_p50", "ntm/openvpn"))]
             )
         lines += table(["path", "plain", "ntm", "openvpn", "p50 ntm/ovpn"], rows)
+    lines += _relay_lines(doc)
+    lines += _lb_lines(doc)
+    lines += _health_lines(doc)
+    lines += _setup_lines(doc)
     setup = doc.get("setup")
-    if isinstance(setup, Mapping) and "plain" in setup:
+    if isinstance(setup, Mapping) and "plain" in setup:  # results of the first schema
         lines += ["", f"Name to first byte, ms (N={setup.get('runs')}, {setup.get('client')})"]
         rows = []
         for kind, label in (
@@ -249,7 +266,7 @@ def render(doc: Mapping[str, Any]) -> str:
         lines += ["", "Node RSS at rest, MB: " + ", ".join(parts)]
     checks = doc.get("goals") or []
     if checks:
-        lines += ["", "Goals (issue 7)"]
+        lines += ["", "Goals (issues 3 and 7)"]
         rows = [[c["goal"], c["target"], c["measured"], mark(c["met"])] for c in checks]
         lines += table(["goal", "target", "measured", ""], rows)
     errors = doc.get("errors") or []
@@ -257,3 +274,168 @@ def render(doc: Mapping[str, Any]) -> str:
         lines += ["", "Errors (these sections did not complete):"]
         lines += [f"  {e['section']}: {e['error']}" for e in errors]
     return "\n".join(lines)
+
+
+def _p50_p99(s: Any, digits: int = 2) -> str:
+    return f"{num(_get(s, 'p50'), digits)} / {num(_get(s, 'p99'), digits)}"
+
+
+def _relay_lines(doc: Mapping[str, Any]) -> list[str]:
+    relay = doc.get("relay")
+    if not isinstance(relay, Mapping) or "direct" not in relay:
+        return []
+    secs, rounds = (_get(doc, "options", k) for k in ("iperf_seconds", "iperf_rounds"))
+    through = _get(relay, "relay", "through") or "?"
+    rows = [
+        [
+            "mn1 -> cn2, direct",
+            num(_get(relay, "direct", "mbps_received")),
+            num(_get(relay, "direct", "cpu_s_per_gbit"), 2),
+            "",
+        ],
+        [
+            f"mn1 -> cn1, relayed via {through}",
+            num(_get(relay, "relay", "mbps_received")),
+            num(_get(relay, "relay", "cpu_s_per_gbit"), 2),
+            times(relay.get("ratio_relay/direct")),
+        ],
+    ]
+    head = (
+        f"Relayed vs direct TCP, Mbit/s (iperf3, {secs} s, median of {rounds}; CPU of every "
+        "process carrying the path)"
+    )
+    return ["", head, *table(["path", "Mbit/s", "CPU s/Gbit", "relay/direct"], rows)]
+
+
+LB_LABEL = {
+    "tunnel": "mn1 -> tunnel -> ntma1 -> lb",
+    "public": "mn1 -> ntma1 public address (no tunnel) -> lb",
+    "direct": "dmzc (plain host on dmz) -> lb VIP",
+}
+
+
+def _lb_lines(doc: Mapping[str, Any]) -> list[str]:
+    lb = doc.get("lb")
+    if not isinstance(lb, Mapping) or "direct" not in lb:
+        return []
+    conc = _get(lb, "direct", "concurrency")
+    secs, rounds = (_get(doc, "options", k) for k in ("lb_seconds", "lb_rounds"))
+    rows = []
+    for key in ("tunnel", "public", "direct"):
+        r = lb.get(key) or {}
+        rps = r.get("requests_per_s")
+        rows.append(
+            [
+                LB_LABEL[key],
+                num(rps),
+                num(_get(r, "latency_ms", "p50"), 2),
+                num(_get(r, "latency_ms", "p99"), 2),
+                num(r.get("error_count"), 0),
+                times(ratio_of(rps, _get(lb, "direct", "requests_per_s"))),
+            ]
+        )
+    head = (
+        f"LB service GET /whoami ({conc} connections, a new one per request, {secs} s, "
+        f"median of {rounds})"
+    )
+    seen = "yes" if lb.get("tunnel_client_seen_is_vip") else "NO"
+    note = (
+        f"  p99 tunnel/direct {times(_get(lb, 'ratios', 'p99 tunnel/direct'))}; the web "
+        f"servers saw mn1's vIP {lb.get('client_vip')} as the client: {seen}"
+    )
+    headers = ["path", "req/s", "p50 ms", "p99 ms", "errors", "req/s vs direct"]
+    return ["", head, *table(headers, rows), note]
+
+
+def ratio_of(a: Any, b: Any) -> float | None:
+    if not isinstance(a, int | float) or not isinstance(b, int | float) or not b:
+        return None
+    return round(a / b, 3)
+
+
+def _health_lines(doc: Mapping[str, Any]) -> list[str]:
+    h = doc.get("health")
+    if not isinstance(h, Mapping) or "config" not in h:
+        return []
+    c = h["config"]
+    head = (
+        f"Health checks ({c.get('service')}: {c.get('kind')} every "
+        f"{num(c.get('interval_s'), 1)} s, "
+        f"timeout {num(c.get('timeout_s'), 1)} s, fall {c.get('fall')}, rise {c.get('rise')}, "
+        f"on failure {c.get('on_failure')}; {len(h.get('cycles') or [])} kill/start cycles of "
+        f"{h.get('real')})"
+    )
+    rows = [
+        [
+            "detection: stops answering -> out of service",
+            num(_get(h, "detection_s", "p50"), 3),
+            num(_get(h, "detection_s", "max"), 3),
+            num(c.get("detection_s"), 2),
+        ],
+        [
+            "recovery: answers again -> in service",
+            num(_get(h, "recovery_s", "p50"), 3),
+            num(_get(h, "recovery_s", "max"), 3),
+            num(c.get("recovery_s"), 2),
+        ],
+    ]
+    return ["", head, *table(["seconds", "p50", "max", "configured worst case"], rows)]
+
+
+SETUP_LABEL = {"direct": "direct", "relayed": "relayed", "reverse": "reverse"}
+
+
+def _setup_lines(doc: Mapping[str, Any]) -> list[str]:
+    setup = doc.get("setup")
+    if not isinstance(setup, Mapping) or not setup.get("kinds"):
+        return []
+    rows = []
+    for key, k in setup["kinds"].items():
+        goal = _get(k, "goal", "target_ms")
+        rows.append(
+            [
+                f"{SETUP_LABEL.get(key, key)} {k.get('client')} -> {k.get('peer')}",
+                num(_get(k, "plain_lookup_ms", "p50"), 2),
+                _p50_p99(k.get("cold_dns_ms")),
+                _p50_p99(k.get("cold_first_byte_ms")),
+                num(_get(k, "warm_first_byte_ms", "p50"), 2),
+                num(k.get("added_ms_p50"), 2),
+                "-" if goal is None else f"<= {num(goal, 2)}",
+                "-" if goal is None else mark(_get(k, "goal", "met")),
+            ]
+        )
+    n = ", ".join(
+        f"{key} {_get(k, 'cold_first_byte_ms', 'n')}" for key, k in setup["kinds"].items()
+    )
+    lines = [
+        "",
+        f"Tunnel set-up, ms: name lookup to first byte through a new tunnel (runs: {n}); "
+        "plain = the same name looked up straight at the resolver",
+    ]
+    lines += table(
+        [
+            "kind",
+            "plain p50",
+            "DNS p50 / p99",
+            "first byte p50 / p99",
+            "tunnel up p50",
+            "added p50",
+            "goal",
+            "",
+        ],
+        rows,
+    )
+    rtt = ", ".join(
+        f"{c} {num(_get(r, 'p50'), 3)}" for c, r in (setup.get("lab_rtt_ms") or {}).items()
+    )
+    lines.append(f"  lab round trip to dc1 p50, ms: {rtt}")
+    stub = setup.get("plain_stub") or {}
+    for client, per in stub.items():
+        lines.append(
+            f"  {setup.get('plain_name')} through {client}'s stub: DNS "
+            f"{_p50_p99(per.get('dns_ms'))}, first byte {_p50_p99(per.get('first_byte_ms'))}"
+        )
+    for key, k in setup["kinds"].items():
+        if k.get("failures"):
+            lines.append(f"  {key}: {len(k['failures'])} failed runs, first: {k['failures'][0]}")
+    return lines

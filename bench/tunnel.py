@@ -53,17 +53,21 @@ def probe_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(REPO)}
 
 
-def tunnel_to_cn(lab: BenchLab, client: str) -> str:
-    """Resolve the marked name through the client's stub: the tunnel exists afterwards."""
-    argv = [sys.executable, "-m", "ntm_cli.main", "lab", "dnsprobe", MARKED_NAME]
+def tunnel_to(lab: BenchLab, client: str, name: str, peer: str) -> str:
+    """Resolve a marked name through the client's stub: the tunnel to `peer` exists after."""
+    argv = [sys.executable, "-m", "ntm_cli.main", "lab", "dnsprobe", name]
     done = run_in(lab.ns(client), argv, timeout=30, env=probe_env())
-    vip = lab.status(CN)["vip"]
+    vip = lab.status(peer)["vip"]
     if done.returncode != 0 or f" A {vip}" not in done.stdout:
         raise LabFailure(
-            f"{client} did not get cn2's vIP {vip} for {MARKED_NAME}: "
+            f"{client} did not get {peer}'s vIP {vip} for {name}: "
             f"{(done.stdout + done.stderr).strip()}"
         )
     return str(vip)
+
+
+def tunnel_to_cn(lab: BenchLab, client: str) -> str:
+    return tunnel_to(lab, client, MARKED_NAME, CN)
 
 
 def path_summary(lab: BenchLab, client: str) -> list[dict[str, Any]]:
@@ -72,11 +76,13 @@ def path_summary(lab: BenchLab, client: str) -> list[dict[str, Any]]:
     return [{k: p.get(k) for k in keys} for p in lab.status(client).get("paths", [])]
 
 
-def start_iperf_server(lab: BenchLab, procs: Processes, work: Path) -> subprocess.Popen[bytes]:
+def start_iperf_server(
+    lab: BenchLab, procs: Processes, work: Path, service: str = CN
+) -> subprocess.Popen[bytes]:
     argv = ["iperf3", "-s", "-p", str(IPERF_PORT)]
-    proc = procs.spawn(lab.ns(CN), argv, work / "logs" / "iperf3-server.log")
+    proc = procs.spawn(lab.ns(service), argv, work / "logs" / f"iperf3-server-{service}.log")
     if not wait_for(lambda: listening(proc.pid, IPERF_PORT), 10.0):
-        raise LabFailure(f"iperf3 server in {lab.ns(CN)} is not listening on {IPERF_PORT}")
+        raise LabFailure(f"iperf3 server in {lab.ns(service)} is not listening on {IPERF_PORT}")
     return proc
 
 

@@ -9,7 +9,14 @@ import pytest
 import yaml
 
 from bench.cli import parse_only
-from bench.labctl import DIRECT_ADDRESS, DIRECT_NODE, bench_compose
+from bench.labctl import (
+    DIRECT_ADDRESS,
+    DIRECT_NODE,
+    DMZ_CLIENT,
+    DMZ_CLIENT_ADDRESS,
+    LabFailure,
+    bench_compose,
+)
 from bench.report import goals, mark, num, render, table, times
 from bench.tunnel import median_run, ratio
 from ntm_io.config import ConfigError
@@ -135,6 +142,7 @@ def test_render_shows_ratios_goals_and_errors() -> None:
 
 def test_only_accepts_known_sections_in_canonical_order() -> None:
     assert parse_only("dc,tunnel") == ["tunnel", "dc"]
+    assert parse_only("setup,health,lb,relay") == ["relay", "lb", "health", "setup"]
     with pytest.raises(ConfigError, match="unknown section"):
         parse_only("tunnel,speed")
     with pytest.raises(ConfigError):
@@ -173,3 +181,133 @@ def test_median_run_is_a_real_run_and_keeps_every_rounds_figure() -> None:
     assert chosen["rounds_mbps_received"] == [150.0, None, 110.0, 205.0]
     assert chosen["failed_rounds"] == ["iperf3: the server is busy"]
     assert median_run([{"error": "x"}]) == {"error": "x"}
+
+
+def setup_kind(client: str, peer: str, added: float, target: float | None) -> dict[str, Any]:
+    return {
+        "client": client,
+        "peer": peer,
+        "plain_lookup_ms": {"n": 100, "p50": 0.7, "p99": 1.2},
+        "cold_dns_ms": {"n": 100, "p50": added - 3.0, "p99": added + 20.0},
+        "cold_first_byte_ms": {"n": 100, "p50": added + 0.7, "p99": added + 30.0},
+        "warm_first_byte_ms": {"n": 100, "p50": 4.0},
+        "added_ms_p50": added,
+        "goal": {
+            "target_ms": target,
+            "met": None if target is None else added <= target,
+            "goal": "none set (issue 3)" if target is None else "1 RTT + 5 ms",
+        },
+        "failures": [],
+    }
+
+
+def new_sections() -> dict[str, Any]:
+    return {
+        "relay": {
+            "direct": {"mbps_received": 120.0, "cpu_s_per_gbit": 8.0},
+            "relay": {"mbps_received": 60.0, "cpu_s_per_gbit": 14.0, "through": "rs1"},
+            "ratio_relay/direct": 0.5,
+        },
+        "lb": {
+            "tunnel": {
+                "concurrency": 6,
+                "requests_per_s": 250.0,
+                "latency_ms": {"p50": 20.0, "p99": 50.0},
+                "error_count": 0,
+            },
+            "public": {"requests_per_s": 500.0, "latency_ms": {"p50": 9.0, "p99": 30.0}},
+            "direct": {
+                "concurrency": 6,
+                "requests_per_s": 400.0,
+                "latency_ms": {"p50": 12.0, "p99": 40.0},
+                "error_count": 1,
+            },
+            "ratios": {"p99 tunnel/direct": 1.25},
+            "tunnel_client_seen_is_vip": True,
+            "client_vip": "100.64.0.9",
+        },
+        "health": {
+            "config": {
+                "service": "www",
+                "kind": "http",
+                "interval_s": 0.5,
+                "timeout_s": 0.4,
+                "fall": 2,
+                "rise": 2,
+                "on_failure": "remove",
+                "detection_s": 1.4,
+                "recovery_s": 1.4,
+            },
+            "real": "web2 10.40.0.12:80",
+            "cycles": [{}, {}],
+            "detection_s": {"p50": 0.812, "max": 0.98},
+            "recovery_s": {"p50": 0.7, "max": 0.9},
+        },
+        "setup": {
+            "kinds": {
+                "direct": setup_kind("mn1", "cn2", 20.0, 5.1),
+                "relayed": setup_kind("mn1", "cn1", 4.0, 5.2),
+                "reverse": setup_kind("cn2", "cn1", 30.0, None),
+            },
+            "lab_rtt_ms": {"mn1": {"p50": 0.1}, "cn2": {"p50": 0.08}},
+            "plain_name": "plain.example.com",
+            "plain_stub": {"mn1": {"dns_ms": {"p50": 2.0, "p99": 4.0}}},
+        },
+    }
+
+
+def test_setup_goals_per_path_kind() -> None:
+    doc = {**result_doc(), **new_sections()}
+    checks = {c["goal"]: c for c in goals(doc)}
+    direct = checks["tunnel set-up over a plain lookup, p50 (direct)"]
+    assert direct["met"] is False and direct["measured"] == "20.00 ms"
+    assert direct["target"] == "<= 5.10 ms (1 RTT + 5 ms)"
+    assert checks["tunnel set-up over a plain lookup, p50 (relayed)"]["met"] is True
+    assert not any("(reverse)" in g for g in checks)  # the issue sets no goal for it
+
+
+def test_render_shows_relay_lb_health_and_setup_with_ratios() -> None:
+    doc = {**result_doc(), **new_sections()}
+    doc["options"] |= {"lb_seconds": 8.0, "lb_rounds": 3, "iperf_rounds": 3}
+    doc["goals"] = goals(doc)
+    text = render(doc)
+    assert "mn1 -> cn1, relayed via rs1" in text and "0.50x" in text
+    lb_row = next(line for line in text.splitlines() if line.startswith("mn1 -> tunnel"))
+    assert lb_row.split()[-1] == "0.62x"  # 250 / 400 requests per second
+    assert "p99 tunnel/direct 1.25x" in text and "100.64.0.9 as the client: yes" in text
+    assert "http every 0.5 s, timeout 0.4 s, fall 2, rise 2" in text
+    detection = next(line for line in text.splitlines() if line.startswith("detection"))
+    assert detection.split()[-3:] == ["0.812", "0.980", "1.40"]
+    direct = next(line for line in text.splitlines() if line.startswith("direct mn1 -> cn2"))
+    assert "20.00" in direct and "<= 5.10" in direct and direct.endswith("✗")
+    reverse = next(line for line in text.splitlines() if line.startswith("reverse cn2 -> cn1"))
+    assert reverse.endswith("-")
+    assert "lab round trip to dc1 p50, ms: mn1 0.100, cn2 0.080" in text
+    assert "plain.example.com through mn1's stub: DNS 2.00 / 4.00" in text
+
+
+def test_bench_compose_adds_reach_and_lb_parts_without_address_clashes(tmp_path: Path) -> None:
+    path = bench_compose(tmp_path, with_direct=True, reach=True, lb=True)
+    services = yaml.safe_load(path.read_text())["services"]
+    assert {"cn1", "nat-b", "rs1", "rs2", "ntma1", "lb", "web2", DMZ_CLIENT} <= set(services)
+    assert not {"dc2", "cn3", "rtr-b"} & set(services)
+    addresses = [
+        (net, spec.get("ipv4_address"))
+        for svc in services.values()
+        for net, spec in (svc.get("networks") or {}).items()
+        if isinstance(spec, dict) and spec.get("ipv4_address")
+    ]
+    assert len(addresses) == len(set(addresses))  # mnd no longer sits on rs1's address
+    assert services[DMZ_CLIENT]["networks"] == {"dmz": {"ipv4_address": DMZ_CLIENT_ADDRESS}}
+    for spec in services.values():
+        assert set(spec.get("depends_on") or {}) <= set(services)
+    base = yaml.safe_load(bench_compose(tmp_path, with_direct=False).read_text())["services"]
+    assert not {"cn1", "rs1", "lb", DMZ_CLIENT} & set(base)
+
+
+def test_bench_compose_refuses_an_address_the_lab_took_meanwhile(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("bench.labctl.DIRECT_ADDRESS", "198.51.100.30")  # cn2's
+    with pytest.raises(LabFailure, match=r"compose.yaml now uses 198\.51\.100\.30"):
+        bench_compose(tmp_path, with_direct=True)
