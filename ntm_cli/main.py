@@ -21,6 +21,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "adaptor": ("adaptor.cli", "run an NTMobile Adaptor in front of a service"),
     "lb": ("lb_integration.cli", "run the load balancer host agent (IPVS or nftables)"),
     "bench": ("bench.cli", "run the benchmarks (tunnel, setup, DC capacity)"),
+    "loadtest": ("loadtests.cli", "Locust load test with handovers: verdict, reports, plots"),
     "status": ("ntm_cli.status", "show a running daemon's status as JSON"),
 }
 

@@ -1,0 +1,1 @@
+"""Locust harness: sessions through NTMobile tunnels to the balanced service, verdicts, plots."""
