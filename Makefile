@@ -8,7 +8,7 @@ APT_PACKAGES := iproute2 nftables nsd unbound curl tcpdump iputils-ping procps \
                 user-mode-linux kmod ipvsadm iptables
 STAMP := $(VENV)/.setup-done
 
-.PHONY: setup demo test test-unit test-lab test-ipvs lint typecheck bench clean lab-down
+.PHONY: setup demo lab-demo test test-unit test-lab test-ipvs lint typecheck bench clean lab-down
 
 setup: $(STAMP)
 
@@ -27,7 +27,13 @@ $(STAMP): pyproject.toml
 	$(PY) -c "import ntm_cli.main, aioquic, dnslib, pyroute2, cryptography"
 	touch $(STAMP)
 
+# The main job: the lab with 200 swarm identities, Locust sessions through handovers and a
+# gateway failure, the verdict and the plots (loadtests/demo.py). `make lab-demo`: the short
+# narrated tour of the lab (reachability, LB, handover) without load.
 demo: setup
+	$(NTM) loadtest demo $(DEMO_ARGS)
+
+lab-demo: setup
 	$(NTM) lab demo
 
 lint: setup

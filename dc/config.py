@@ -52,6 +52,9 @@ class DcConfig:
     relays: tuple[RelaySpec, ...] = ()
     # seconds a (re)connected gateway waits before it gets MNs again (dc/gateways.py)
     gateway_hold_down: float = 30.0
+    # seconds a Route Direction (and a relay binding) is good for; requesters renew paths
+    # they use before it ends (ntm_proto/renewal.py)
+    path_lifetime: int = 3600
 
 
 def load(path: str | Path) -> DcConfig:
@@ -82,6 +85,7 @@ def load(path: str | Path) -> DcConfig:
         ns_name=ns_name,
         ns_addresses=tuple(dc.ip_list("ns_addresses", [])),
         registration_lifetime=dc.integer("registration_lifetime", 300, 10, 86400),
+        path_lifetime=dc.integer("path_lifetime", 3600, 10, 86400),
         status_socket=dc.text("status_socket", f"/run/ntm/dc-{name}.sock"),
         state_file=dc.opt_text("state_file"),
         gateway_hold_down=_hold_down(dc),

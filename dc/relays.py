@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import itertools
 import logging
 from collections.abc import Callable
 
@@ -178,6 +179,63 @@ class RelayPool:
             }
             for r in self.relays.values()
         ]
+
+
+@dataclasses.dataclass(frozen=True)
+class RelayedPath:
+    """A relayed path this DC installed: what it needs to move the path off a dead relay."""
+
+    path_id: bytes
+    relay: str
+    requester: str
+    responder: str  # the target FQDN (a multi-gateway service: the service)
+    gateway: str
+    expires_at: float  # the relay forgets the path then; so do we
+    # A requester of another DC's zone (the path came in as a Node Information Request):
+    # its zone, and the connection that DC asked on (to ask it back first).
+    requester_zone: str = ""
+    origin: object = None
+    seq: int = 0  # installation order
+
+
+class RelayedPaths:
+    """The relayed paths this DC installed, until their lifetime ends (sans-IO).
+
+    When a relay dies only the newest path of each (requester, responder) pair is moved:
+    an older one was replaced (renewed, or moved after a failover) and its ends dropped it.
+    """
+
+    def __init__(self) -> None:
+        self._paths: dict[bytes, RelayedPath] = {}
+        self._seq = itertools.count(1)
+
+    def __len__(self) -> int:
+        return len(self._paths)
+
+    def add(self, path: RelayedPath) -> None:
+        self._paths[path.path_id] = dataclasses.replace(path, seq=next(self._seq))
+
+    def get(self, path_id: bytes) -> RelayedPath | None:
+        return self._paths.get(path_id)
+
+    def expire(self, now: float) -> int:
+        gone = [pid for pid, p in self._paths.items() if p.expires_at <= now]
+        for pid in gone:
+            del self._paths[pid]
+        return len(gone)
+
+    def take_on(self, relay: str, now: float) -> list[RelayedPath]:
+        """Forget every path through `relay`; the ones to move elsewhere, oldest first."""
+        self.expire(now)
+        newest: dict[tuple[str, str], RelayedPath] = {}
+        for p in self._paths.values():
+            key = (p.requester, p.responder)
+            if key not in newest or p.seq > newest[key].seq:
+                newest[key] = p
+        on_relay = [p for p in self._paths.values() if p.relay == relay]
+        for p in on_relay:
+            del self._paths[p.path_id]
+        return [p for p in on_relay if newest[(p.requester, p.responder)] is p]
 
 
 def endpoints_of(relay: RelayState) -> tuple[Endpoint, ...]:

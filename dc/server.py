@@ -2,6 +2,22 @@
 
 Everything decided here comes from `dc.coordinator`; this module only decodes, calls,
 pushes Route Directions to responders and encodes answers.
+
+Path lifetime (`[dc] path_lifetime`, default 3600 s): every Route Direction and Relay
+Direction carries it. At its end the relay removes the path (`paths_expired_lifetime`; its
+later packets are `drop_expired_path`), and this DC forgets the path: the relayed-path
+table it keeps for relay failover (`RelayedPaths`), the federated paths another DC may ask
+it to rebuild (`FederatedPaths`) and gateway assignments. Nothing is sent at that point;
+the requester renews the paths it uses before then (`ntm_proto.renewal`), each renewal an
+ordinary Direction Request that gets a new path id (and a relay chosen afresh); the DC
+never extends a relay path in place. The replaced path goes quiet, so the relay drops it at
+its lifetime end or, when more than the relay's idle timeout (90 s) of it was left (the
+default lifetime), that long after the switch (`paths_expired_idle`).
+
+Relay failover: when a relay dies, the newest path of each (requester, target) pair that
+went through it is given a new relayed path. A path of our own two nodes is replanned here
+and pushed to both. A federated path whose relay we chose (we are DC_CN: see
+`dc.federation`) is rebuilt by asking the requester's DC to repeat its Direction Request.
 """
 
 from __future__ import annotations
@@ -38,10 +54,10 @@ from .config import DcConfig
 from .coordinator import Coordinator, DirectionPlan, Federate, relayed, view_of
 from .dns_server import serve_zone
 from .dns_zone import NtmZone
-from .federation import Federation
+from .federation import FederatedPaths, Federation
 from .gateways import effective_weight, fresh_health, hold_down_left
 from .registry import Registry
-from .relays import RelayPool
+from .relays import RelayedPath, RelayedPaths, RelayPool
 
 log = logging.getLogger("ntm.dc")
 
@@ -49,6 +65,9 @@ PUSH_TIMEOUT = 3.0  # how long the responder gets to acknowledge a Route Directi
 # All tries through several gateways stay within the node's 5 s request timeout.
 DIRECTION_BUDGET = 4.5
 MIN_TRY = 0.5  # below this much budget left, another gateway is not tried
+# A federated relay failover: the requester's DC asks us again (its own federation
+# timeout) and pushes the answer to its node (PUSH_TIMEOUT); some slack on top.
+REBUILD_TIMEOUT = 10.0
 
 
 class DcServer:
@@ -64,6 +83,7 @@ class DcServer:
             config.vip_route,
             federation=config.federation is not None,
             gateway_hold_down=config.gateway_hold_down,
+            path_lifetime=config.path_lifetime,
         )
         self.federation = (
             Federation(
@@ -71,14 +91,15 @@ class DcServer:
                 config.federation.timeout,
                 config.federation.peer_port,
                 config.tls,
+                handler=self.handle,
             )
             if config.federation
             else None
         )
         self.relays = RelayPool(config.relays, config.tls, on_down=self._relay_down)
         self.coordinator.relays_available = self.relays.any_healthy
-        # relayed paths of our own nodes: path id -> (relay, requester, responder, gateway)
-        self._relayed: dict[bytes, tuple[str, str, str, str]] = {}
+        self._relayed = RelayedPaths()  # the relayed paths we installed, for failover
+        self.federated = FederatedPaths(config.path_lifetime)  # our nodes' federated paths
         self.counters: dict[str, int] = {}
         self.started = time.monotonic()
         self._closers: list[Any] = []
@@ -150,6 +171,8 @@ class DcServer:
             for label in self.registry.expire(now):
                 log.info("registration of %s expired", label)
             self.coordinator.forget_assignments(now)
+            self._relayed.expire(now)
+            self.federated.expire(now)
 
     def _save_state(self) -> None:
         if self.config.state_file:
@@ -182,6 +205,8 @@ class DcServer:
             if not isinstance(answer, ErrorMessage):
                 self._save_state()
             return answer
+        if isinstance(msg, DirectionRequest) and conn.peer_role == "dc":
+            return await self._rebuild_for_peer(conn, msg, now)
         if isinstance(msg, DirectionRequest):
             plan = self.coordinator.plan(conn.peer_names, msg, conn, now)
             if isinstance(plan, ErrorMessage):
@@ -193,7 +218,7 @@ class DcServer:
             remote = self.coordinator.plan_remote(conn.peer_names, conn.peer_role, msg, now)
             if isinstance(remote, ErrorMessage):
                 return remote
-            return await self._direct_any(remote)
+            return await self._direct_any(remote, origin=(msg.requester_zone, conn))
         if isinstance(msg, GatewayReport):
             ack = self.coordinator.report(conn.peer_names, msg, conn, now)
             if isinstance(ack, ErrorMessage):
@@ -223,15 +248,64 @@ class DcServer:
             return ErrorMessage(
                 ErrorCode.UNEXPECTED, f"DC of {plan.zone} sent {type(answer).__name__}"
             )
+        if isinstance(answer, RouteDirection):
+            self.federated.remember(plan.requester.fqdn, target, plan.zone, time.monotonic())
         return answer
 
-    async def _direct_any(self, plan: DirectionPlan) -> Message:
+    async def _rebuild_for_peer(
+        self, conn: ControlConnection, msg: DirectionRequest, now: float
+    ) -> Message:
+        """Another DC lost the relay of a federated path of our node `msg.source`: ask it
+        again for our node, as the node once did, and push the new path to the node."""
+        zone = self.federated.may_rebuild(conn.peer_names, conn.peer_role, msg, now)
+        if isinstance(zone, ErrorMessage):
+            self._count("rebuild_refused")
+            log.warning("refused a rebuild from %s: %s", sorted(conn.peer_names), zone.reason)
+            return zone
+        requester = self.registry.lookup(msg.source)
+        handle = requester.handle if requester is not None else None
+        if requester is None or not isinstance(handle, ControlConnection):
+            self._count("rebuild_failed")
+            return ErrorMessage(
+                ErrorCode.PEER_UNREACHABLE, f"{msg.source} has no live control connection"
+            )
+        answer = await self._federate(Federate(zone, requester), msg.target, msg.gateway)
+        if not isinstance(answer, RouteDirection):
+            self._count("rebuild_failed")
+            return answer
+        pushed = await self._push(handle, answer, msg.source)
+        if pushed is not None:
+            self._count("rebuild_failed")
+            return pushed
+        self._count("federated_rebuilds")
+        log.info("path %s to %s rebuilt for %s", answer.path_id.hex(), msg.target, msg.source)
+        return answer
+
+    async def _push(
+        self, handle: ControlConnection, rd: RouteDirection, who: str
+    ) -> ErrorMessage | None:
+        """Push a Route Direction to a node of ours; None when it took it."""
+        try:
+            ack = decode(await handle.request(encode(rd), PUSH_TIMEOUT))
+        except (ControlError, DecodeError, TimeoutError) as exc:
+            log.warning("path %s: %s did not take its new route: %s", rd.path_id.hex(), who, exc)
+            return ErrorMessage(ErrorCode.PEER_UNREACHABLE, f"{who} did not answer its DC")
+        if not (isinstance(ack, RouteDirectionAck) and ack.path_id == rd.path_id):
+            reason = ack.reason if isinstance(ack, ErrorMessage) else type(ack).__name__
+            return ErrorMessage(ErrorCode.PEER_UNREACHABLE, f"{who} refused the path: {reason}")
+        return None
+
+    async def _direct_any(
+        self, plan: DirectionPlan, origin: tuple[str, ControlConnection] | None = None
+    ) -> Message:
         """`_direct`; when the DC chose the gateway and it does not take the path, through
-        the next usable one (each gateway is tried once)."""
+        the next usable one (each gateway is tried once). `origin`: the requester's zone
+        and its DC's connection, for a Node Information Request."""
         failed: frozenset[str] = frozenset()
         deadline = time.monotonic() + DIRECTION_BUDGET
         while True:
-            answer = await self._direct(plan, min(PUSH_TIMEOUT, deadline - time.monotonic()))
+            timeout = min(PUSH_TIMEOUT, deadline - time.monotonic())
+            answer = await self._direct(plan, timeout, origin)
             if not isinstance(answer, ErrorMessage):
                 return answer
             failed |= {plan.to_responder.gateway}
@@ -248,11 +322,16 @@ class DcServer:
             )
             plan = retry
 
-    async def _direct(self, plan: DirectionPlan, timeout: float = PUSH_TIMEOUT) -> Message:
+    async def _direct(
+        self,
+        plan: DirectionPlan,
+        timeout: float = PUSH_TIMEOUT,
+        origin: tuple[str, ControlConnection] | None = None,
+    ) -> Message:
         """Tell the relay (if any) and the responder first, so both know the path before
         the first tunnel packet; then answer the requester."""
         if plan.kind is RouteKind.RELAY:
-            routed = await self._through_relay(plan)
+            routed = await self._through_relay(plan, origin=origin)
             if isinstance(routed, ErrorMessage):
                 return routed
             plan = routed
@@ -286,19 +365,29 @@ class DcServer:
         return plan.to_requester
 
     async def _through_relay(
-        self, plan: DirectionPlan, exclude: frozenset[str] = frozenset()
+        self,
+        plan: DirectionPlan,
+        exclude: frozenset[str] = frozenset(),
+        origin: tuple[str, ControlConnection] | None = None,
     ) -> DirectionPlan | ErrorMessage:
+        lifetime = self.coordinator.path_lifetime
         for relay in self.relays.candidates(exclude):
             key = new_binding_key()
             routed = relayed(plan, relay.spec.endpoints, key)
             if routed is None:
                 continue  # this relay lacks an address family one end needs
-            if await self.relays.install(relay, plan.path_id, key, self.coordinator.path_lifetime):
-                self._relayed[plan.path_id] = (
-                    relay.spec.name,
-                    plan.requester.fqdn,
-                    plan.responder.fqdn,
-                    plan.to_responder.gateway,
+            if await self.relays.install(relay, plan.path_id, key, lifetime):
+                self._relayed.add(
+                    RelayedPath(
+                        plan.path_id,
+                        relay.spec.name,
+                        plan.requester.fqdn,
+                        plan.responder.fqdn,
+                        plan.to_responder.gateway,
+                        expires_at=time.monotonic() + lifetime,
+                        requester_zone=origin[0] if origin else "",
+                        origin=origin[1] if origin else None,
+                    )
                 )
                 self._count("relayed_paths")
                 log.info("path %s through relay %s", plan.path_id.hex(), relay.spec.name)
@@ -314,33 +403,62 @@ class DcServer:
         self._spawn(self._reroute(name))
 
     async def _reroute(self, dead: str) -> None:
-        """A relay died: give each of its paths a new relayed path through another one,
-        pushed to both ends (they switch when the new path is up; the vIPs do not change)."""
-        for path_id, (name, req, resp, gateway) in list(self._relayed.items()):
-            if name != dead:
-                continue
-            del self._relayed[path_id]
-            requester, responder = self.registry.lookup(req), self.registry.lookup(resp)
-            if requester is None or responder is None or requester.handle is None:
-                continue
-            plan = self.coordinator.replan(requester, resp, time.monotonic(), gateway)
-            if not isinstance(plan, DirectionPlan):
-                continue
-            answer = await self._direct_any(plan)
-            if not isinstance(answer, RouteDirection):
-                log.warning("path %s: no new route after relay %s died", path_id.hex(), dead)
-                continue
-            handle = requester.handle
-            assert isinstance(handle, ControlConnection)
-            try:
-                await handle.request(encode(answer), PUSH_TIMEOUT)
-            except (ControlError, TimeoutError) as exc:
-                log.warning("path %s: %s did not take its new route: %s", path_id.hex(), req, exc)
+        """A relay died: give the newest path of each pair that went through it a new
+        relayed path through another one (the ends switch when it is up; vIPs stay)."""
+        for path in self._relayed.take_on(dead, time.monotonic()):
+            if path.requester_zone:
+                moved = await self._reroute_federated(path)
+            else:
+                moved = await self._reroute_local(path)
+            if moved is None:
+                self._count("relay_failover_failed")
+                log.warning("path %s: no new route after relay %s died", path.path_id.hex(), dead)
                 continue
             self._count("relay_failovers")
             log.info(
-                "path %s moved off relay %s: new path %s", path_id.hex(), dead, plan.path_id.hex()
+                "path %s moved off relay %s: new path %s", path.path_id.hex(), dead, moved.hex()
             )
+
+    async def _reroute_local(self, path: RelayedPath) -> bytes | None:
+        """A path between two of our nodes: replan, direct both ends; the new path id."""
+        requester = self.registry.lookup(path.requester)
+        if requester is None or not isinstance(requester.handle, ControlConnection):
+            return None
+        plan = self.coordinator.replan(requester, path.responder, time.monotonic(), path.gateway)
+        if not isinstance(plan, DirectionPlan):
+            return None
+        answer = await self._direct_any(plan)
+        if not isinstance(answer, RouteDirection):
+            return None
+        if await self._push(requester.handle, answer, path.requester) is not None:
+            return None
+        return answer.path_id
+
+    async def _reroute_federated(self, path: RelayedPath) -> bytes | None:
+        """A federated path whose relay we chose: the requester's DC asks us again for its
+        node (we pick a healthy relay then) and pushes the answer; the new path id."""
+        msg = DirectionRequest(source=path.requester, target=path.responder, gateway=path.gateway)
+        answer: Message | None = None
+        conn = path.origin
+        if isinstance(conn, ControlConnection) and not conn.closed.is_set():
+            try:
+                answer = decode(await conn.request(encode(msg), REBUILD_TIMEOUT))
+            except (ControlError, DecodeError, TimeoutError) as exc:
+                log.info("asking the DC of %s on its connection: %s", path.requester_zone, exc)
+        if answer is None and self.federation is not None:
+            answer = await self.federation.ask(path.requester_zone, msg, REBUILD_TIMEOUT)
+        if not isinstance(answer, RouteDirection):
+            reason = answer.reason if isinstance(answer, ErrorMessage) else "no way to ask"
+            log.warning(
+                "the DC of %s did not rebuild %s -> %s: %s",
+                path.requester_zone,
+                path.requester,
+                path.responder,
+                reason,
+            )
+            return None
+        self._count("relay_failovers_federated")
+        return answer.path_id
 
     def status(self) -> dict[str, Any]:
         return {
@@ -361,6 +479,8 @@ class DcServer:
             ],
             "services": self._services_status(time.monotonic()),
             "relays": self.relays.status(),
+            "live_relayed_paths": len(self._relayed),
+            "live_federated_paths": len(self.federated),
             "counters": {
                 **self.counters,
                 **self.coordinator.counters,

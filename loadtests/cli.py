@@ -113,6 +113,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--no-plots", action="store_true", help="only the verdict and summary.json")
     _thresholds(p)
 
+    from . import demo
+
+    p = sub.add_parser(
+        "demo", help="lab up with a swarm, the default handover scenario, verdict, lab down"
+    )
+    demo.add_arguments(p)
+
     p = sub.add_parser("bridge", help="pipe a TCP port to a unix socket (master/worker link)")
     p.add_argument("--listen", required=True, help="tcp:HOST:PORT or unix:PATH")
     p.add_argument("--connect", required=True, help="tcp:HOST:PORT or unix:PATH")
@@ -244,6 +251,10 @@ def run(args: argparse.Namespace) -> int:
         return _run(args)
     if verb == "verdict":
         return _verdict(args)
+    if verb == "demo":
+        from . import demo
+
+        return demo.run(args)
     if verb == "bridge":
         from .bridge import parse_endpoint
         from .bridge import run as bridge_run

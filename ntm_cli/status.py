@@ -2,6 +2,9 @@
 
 Exit status 0 when every asked daemon answered, 1 otherwise, so it doubles as a
 health check (`ntm status --socket /run/ntm/node-mn1.sock >/dev/null`).
+
+`--forget-paths FQDN` (root) asks a node to drop its tunnels to one peer instead, through
+the admin socket beside the status socket; the next lookup of that peer builds a new one.
 """
 
 from __future__ import annotations
@@ -31,6 +34,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--timeout", type=float, default=2.0, metavar="S", help="seconds to wait (default 2)"
     )
+    parser.add_argument(
+        "--forget-paths",
+        metavar="FQDN",
+        help="admin (root, with --socket): make the node drop its paths to this peer, so the "
+        "next lookup builds a new tunnel",
+    )
 
 
 def discover_sockets() -> list[str]:
@@ -47,6 +56,8 @@ def _print(doc: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.forget_paths is not None:
+        return _forget_paths(args)
     if args.socket:
         try:
             _print(st.read_status(args.socket, timeout=args.timeout))
@@ -77,3 +88,22 @@ def run(args: argparse.Namespace) -> int:
     if failed:
         print(f"ntm status: {failed} of {len(paths)} daemon(s) did not answer", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _forget_paths(args: argparse.Namespace) -> int:
+    if not args.socket:
+        print(
+            "ntm status: --forget-paths needs --socket PATH (the node's status socket)",
+            file=sys.stderr,
+        )
+        return 1
+    admin = st.admin_socket_path(args.socket)
+    try:
+        reply = st.request_admin(
+            admin, "forget-paths", timeout=args.timeout, fqdn=args.forget_paths
+        )
+    except st.AdminError as exc:
+        print(f"ntm status: --forget-paths: {exc}", file=sys.stderr)
+        return 1
+    _print(reply)
+    return 0

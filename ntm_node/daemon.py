@@ -13,7 +13,7 @@ from typing import Any
 
 from ntm_io.daemon import serve_until_signalled
 from ntm_io.netwatch import AddressSet, AddressWatcher, current_addresses
-from ntm_io.status import serve_status
+from ntm_io.status import AdminError, admin_socket_path, serve_admin, serve_status
 from ntm_io.tun import TunDevice
 from ntm_proto.crypto import StaticKey
 from ntm_proto.marker import MarkerRule
@@ -34,6 +34,7 @@ from .dc_client import DcClient, DirectionError
 from .dns_server import StubResolver
 from .engine import PathError, TunnelEngine
 from .failover import FailoverManager
+from .renewal import PathRenewer
 
 log = logging.getLogger("ntm.node")
 
@@ -84,6 +85,10 @@ class NodeDaemon:
             lambda fqdn, gateway: self.dc.request_direction(fqdn, gateway=gateway),
             config.liveness_timers(),
         )
+        # Renew the paths we asked for before their lifetime ends (ntm_proto/renewal.py).
+        self.renewal = PathRenewer(
+            self.engine, lambda fqdn, gateway: self.dc.request_direction(fqdn, gateway=gateway)
+        )
         self.tun: TunDevice | None = None
         self.resolver: StubResolver | None = None
         self.watcher: AddressWatcher | None = None
@@ -121,6 +126,7 @@ class NodeDaemon:
         self.engine.open()
         self._spawn(self.dc.run())
         self._spawn(self.failover.run())
+        self._spawn(self.renewal.run())
 
     async def start(self) -> None:
         cfg = self.config
@@ -146,6 +152,8 @@ class NodeDaemon:
                     "catching port 53 with nftables (table %s)", dns_redirect.table_name(cfg.name)
                 )
         self._closers.append(await serve_status(cfg.status_socket, self.status))
+        admin = {"forget-paths": self.forget_paths}
+        self._closers.append(await serve_admin(admin_socket_path(cfg.status_socket), admin))
         log.info("node %s (%s) started; tunnel port %d", cfg.name, cfg.fqdn, cfg.tunnel_port)
 
     async def close(self) -> None:
@@ -260,6 +268,24 @@ class NodeDaemon:
         except Exception:
             log.exception("telling the tunnels about the new address failed")
 
+    def forget_paths(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Admin `forget-paths`: drop every path to one peer, so the next lookup of its name
+        builds a new tunnel (the benchmark's fresh set-ups, without restarting the node)."""
+        fqdn = request.get("fqdn")
+        if not isinstance(fqdn, str) or not fqdn.strip("."):
+            raise AdminError('forget-paths needs "fqdn", the peer\'s name (cn2.ntm.example.com)')
+        fqdn = fqdn.lower().rstrip(".")
+        gone = [
+            path.path_id
+            for path in self.engine.endpoint.paths
+            if (rd := self.engine.route_direction(path.path_id)) is not None
+            and rd.peer_fqdn.lower().rstrip(".") == fqdn
+        ]
+        for path_id in gone:
+            self.engine.remove_path(path_id)
+        log.info("admin: forgot %d path(s) to %s", len(gone), fqdn)
+        return {"fqdn": fqdn, "removed": [p.hex() for p in gone]}
+
     def status(self) -> dict[str, Any]:
         reg = self.dc.registration
         return {
@@ -275,6 +301,7 @@ class NodeDaemon:
             "paths": self.engine.status(),
             "tunnel_addresses": list(self.config.tunnel_addresses),
             "failover": self.failover.status(),
+            "renewal": self.renewal.status(),
             "counters": {
                 "engine": dict(self.engine.counters),
                 "tunnel": dict(self.engine.endpoint.counters),

@@ -3,20 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import socket
 import struct
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from dc.config import DcConfig, TlsConfig
+from dc import federation
+from dc.config import DcConfig, FederationConfig, RelaySpec, TlsConfig
+from dc.relays import RelayedPath, RelayedPaths
 from dc.server import DcServer
 from ntm_io.control import ControlConnection, connect_control
 from ntm_pki import ca
 from ntm_proto import messages as m
+from relay import config as relay_config
+from relay.core import RelaySettings
+from relay.server import RelayServer
 
 KEY = bytes(range(32))
 
@@ -30,6 +37,10 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ca.issue(d, "cn2", "node", dns=["cn2.ntm.example.com"])
     for gw in ("ntma1", "ntma2"):
         ca.issue(d, gw, "adaptor", dns=["www.ntm.example.com", f"{gw}.ntm.example.com"])
+    ca.issue(d, "dc2", "dc", dns=["dc2.ntm.example.net"], ips=["127.0.0.1"])
+    ca.issue(d, "cn3", "node", dns=["cn3.ntm.example.net"])
+    for rs in ("rs1", "rs2"):
+        ca.issue(d, rs, "relay", dns=[f"{rs}.relay.example.com"], ips=["127.0.0.1"])
     return d
 
 
@@ -353,3 +364,259 @@ def test_dc_client_registers_as_a_gateway_reports_and_asks_for_one(
                 await c._drop_connection()
 
     run(with_dc(pki, tmp_path, body))
+
+
+# --- relayed paths and relay failover ------------------------------------------------------
+
+
+def relayed_path(pid: int, relay: str, requester: str, expires_at: float = 100.0) -> RelayedPath:
+    return RelayedPath(bytes([pid]) * 8, relay, requester, "cn1.ntm.example.com", "", expires_at)
+
+
+def test_a_dead_relay_moves_only_the_newest_live_path_of_each_pair() -> None:
+    table = RelayedPaths()
+    table.add(relayed_path(1, "rs1", "mn1"))  # replaced by 2 (renewed): not moved
+    table.add(relayed_path(2, "rs1", "mn1"))
+    table.add(relayed_path(3, "rs1", "mn2"))  # replaced by 4 on another relay: not moved
+    table.add(relayed_path(4, "rs2", "mn2"))
+    table.add(relayed_path(5, "rs1", "mn3", expires_at=10.0))  # its lifetime is over
+    moved = table.take_on("rs1", now=50.0)
+    assert [p.path_id[0] for p in moved] == [2]
+    assert len(table) == 1 and table.get(bytes([4]) * 8) is not None  # rs1's are forgotten
+    assert table.take_on("rs1", now=50.0) == []
+    assert table.expire(100.0) == 1 and len(table) == 0
+
+
+def relay_server(pki: Path, name: str, port: int = 0, control_port: int = 0) -> RelayServer:
+    return RelayServer(
+        relay_config.RelayConfig(
+            name=name,
+            listen=("127.0.0.1",),
+            port=port,
+            control_listen=("127.0.0.1",),
+            control_port=control_port,
+            status_socket="",
+            settings=RelaySettings(),
+            tls=relay_config.TlsConfig(
+                str(pki / "ca.pem"), str(pki / f"{name}.pem"), str(pki / f"{name}.key")
+            ),
+        )
+    )
+
+
+def dc_config(
+    pki: Path, tmp: Path, name: str, zone: str, pool: str, peer_port: int, port: int
+) -> DcConfig:
+    return DcConfig(
+        name=name,
+        zone=zone,
+        listen=("127.0.0.1",),
+        quic_port=port,
+        dns_port=0,
+        vip_pool=ipaddress.IPv4Network(pool),
+        vip_route=ipaddress.IPv4Network("100.64.0.0/10"),
+        ns_name=f"{name}.{zone}",
+        ns_addresses=("127.0.0.1",),
+        registration_lifetime=300,
+        status_socket=str(tmp / f"{name}.sock"),
+        state_file=None,
+        tls=TlsConfig(str(pki / "ca.pem"), str(pki / f"{name}.pem"), str(pki / f"{name}.key")),
+        federation=FederationConfig(("127.0.0.1",), 2.0, peer_port),
+    )
+
+
+async def fake_dns(name: str, qtype: str, _servers: list[str], _timeout: float) -> list[str]:
+    """The delegations of the two zones, as a resolver would give them."""
+    ns = {"ntm.example.com": "dc1.ntm.example.com", "ntm.example.net": "dc2.ntm.example.net"}
+    if qtype == "NS":
+        return [ns[name]] if name in ns else []
+    return ["127.0.0.1"] if qtype == "A" and name in ns.values() else []
+
+
+def test_a_federated_relayed_path_moves_when_the_relay_dies(
+    pki: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """mn1 (dc1) and cn3 (dc2), both behind NAT: dc2 decides the route, so it picks the
+    relay; when that relay dies dc2 asks dc1 to rebuild, and both ends get the new path."""
+    monkeypatch.setattr(federation, "query", fake_dns)
+
+    async def go() -> None:
+        relays = {n: relay_server(pki, n) for n in ("rs1", "rs2")}
+        for r in relays.values():
+            await r.start()
+        port1, port2 = free_udp_port(), free_udp_port()
+        dc1 = DcServer(
+            dc_config(pki, tmp_path, "dc1", "ntm.example.com", "100.64.0.0/16", port2, port1)
+        )
+        specs = tuple(
+            RelaySpec(
+                n,
+                "127.0.0.1",
+                r.control_addresses[0][1],
+                f"{n}.relay.example.com",
+                (r.addresses[0],),
+            )
+            for n, r in relays.items()
+        )
+        cfg2 = dc_config(pki, tmp_path, "dc2", "ntm.example.net", "100.65.0.0/16", port1, port2)
+        dc2 = DcServer(dataclasses.replace(cfg2, relays=specs))
+        dc2.relays.poll_interval = 0.2  # find the dead relay quickly
+        pushed: dict[str, list[m.RouteDirection]] = {"mn1": [], "cn3": []}
+        conns: list[ControlConnection] = []
+
+        def take(name: str) -> Any:
+            async def handler(_c: ControlConnection, payload: bytes) -> bytes:
+                rd = m.decode_as(payload, m.RouteDirection)
+                pushed[name].append(rd)
+                return m.encode(m.RouteDirectionAck(rd.path_id))
+
+            return handler
+
+        async def node(name: str, fqdn: str, port: int, server: str, private: str) -> Any:
+            conn = await connect_control(
+                "127.0.0.1",
+                port,
+                server_name=server,
+                ca=str(pki / "ca.pem"),
+                cert=str(pki / f"{name}.pem"),
+                key=str(pki / f"{name}.key"),
+                handler=take(name),
+            )
+            conns.append(conn)
+            reg = await ask(conn, registration(fqdn, ((private, 7400),)))
+            assert isinstance(reg, m.RegistrationResponse) and reg.behind_nat
+            return conn
+
+        try:
+            await dc1.start()
+            await dc2.start()
+            await until(lambda: all(r.healthy for r in dc2.relays.relays.values()), "relays up")
+            mn1 = await node("mn1", MN1, port1, "dc1.ntm.example.com", "10.10.1.100")
+            await node("cn3", CN3, port2, "dc2.ntm.example.net", "10.20.2.10")
+            rd = await ask(mn1, m.DirectionRequest(MN1, CN3))
+            assert isinstance(rd, m.RouteDirection) and rd.kind is m.RouteKind.RELAY
+            first = dc2.relays.relays["rs1"]
+            assert rd.relay == first.spec.endpoints[0]  # dc2's relay (the least loaded)
+            assert [p.relay for p in pushed["cn3"]] == [rd.relay]
+            assert dc1.status()["live_federated_paths"] == 1
+            assert dc2.status()["live_relayed_paths"] == 1
+
+            await relays["rs1"].close()
+            await until(lambda: bool(pushed["mn1"]), "mn1 pushed a new path", bound=15.0)
+            [new] = pushed["mn1"]
+            rs2 = relays["rs2"].addresses[0]
+            assert new.kind is m.RouteKind.RELAY and new.relay == rs2
+            assert new.role is m.PathRole.INITIATOR and new.peer_fqdn == CN3
+            assert new.path_id != rd.path_id
+            assert [p.path_id for p in pushed["cn3"]][-1] == new.path_id
+            assert pushed["cn3"][-1].relay == rs2
+            await until(lambda: dc2.counters.get("relay_failovers") == 1, "dc2 counted it")
+            assert dc2.counters["relay_failovers_federated"] == 1
+            assert dc1.counters["federated_rebuilds"] == 1
+
+            # dc2 may not have dc1 rebuild a path dc1 never federated, nor a node ask it
+            as_dc2 = await connect_control(
+                "127.0.0.1",
+                port1,
+                server_name="dc1.ntm.example.com",
+                ca=str(pki / "ca.pem"),
+                cert=str(pki / "dc2.pem"),
+                key=str(pki / "dc2.key"),
+                handler=take("x"),
+            )
+            conns.append(as_dc2)
+            other = await ask(as_dc2, m.DirectionRequest(MN1, "cn9.ntm.example.net"))
+            assert isinstance(other, m.ErrorMessage) and other.code is m.ErrorCode.NOT_AUTHORIZED
+            assert dc1.counters["rebuild_refused"] == 1
+        finally:
+            for c in conns:
+                await c.close()
+            await dc1.close()
+            await dc2.close()
+            for r in relays.values():
+                await r.close()
+
+    run(go())
+
+
+def test_a_renewed_local_relayed_path_is_moved_once_when_its_relay_dies(
+    pki: Path, tmp_path: Path
+) -> None:
+    """mn1 and cn2 of dc1, both behind NAT; mn1 renewed its path (two paths on rs1 for the
+    pair): when rs1 dies only the newest is moved, to rs2, and both ends are told."""
+
+    async def go() -> None:
+        # rs2 starts only after both paths are on rs1
+        ports = {n: (free_udp_port(), free_udp_port()) for n in ("rs1", "rs2")}
+        relays = {n: relay_server(pki, n, *ports[n]) for n in ("rs1", "rs2")}
+        await relays["rs1"].start()
+        port = free_udp_port()
+        specs = tuple(
+            RelaySpec(n, "127.0.0.1", control, f"{n}.relay.example.com", (("127.0.0.1", udp),))
+            for n, (udp, control) in ports.items()
+        )
+        cfg = dc_config(pki, tmp_path, "dc1", "ntm.example.com", "100.64.0.0/16", 1, port)
+        dc = DcServer(dataclasses.replace(cfg, relays=specs, federation=None))
+        dc.relays.poll_interval = 0.2
+        pushed: dict[str, list[m.RouteDirection]] = {"mn1": [], "cn2": []}
+        conns: list[ControlConnection] = []
+
+        async def node(name: str, private: str) -> ControlConnection:
+            async def handler(_c: ControlConnection, payload: bytes) -> bytes:
+                rd = m.decode_as(payload, m.RouteDirection)
+                pushed[name].append(rd)
+                return m.encode(m.RouteDirectionAck(rd.path_id))
+
+            conn = await connect_control(
+                "127.0.0.1",
+                port,
+                server_name="dc1.ntm.example.com",
+                ca=str(pki / "ca.pem"),
+                cert=str(pki / f"{name}.pem"),
+                key=str(pki / f"{name}.key"),
+                handler=handler,
+            )
+            conns.append(conn)
+            fqdn = f"{name}.ntm.example.com"
+            assert isinstance(
+                await ask(conn, registration(fqdn, ((private, 7400),))), m.RegistrationResponse
+            )
+            return conn
+
+        try:
+            await dc.start()
+            await until(lambda: dc.relays.relays["rs1"].healthy, "rs1 up")
+            mn1 = await node("mn1", "10.10.1.100")
+            await node("cn2", "10.20.2.20")
+            old = await ask(mn1, m.DirectionRequest(MN1, CN2))
+            renewed = await ask(mn1, m.DirectionRequest(MN1, CN2))
+            assert isinstance(old, m.RouteDirection) and isinstance(renewed, m.RouteDirection)
+            assert old.relay == renewed.relay == relays["rs1"].addresses[0]
+            await relays["rs2"].start()
+            await until(lambda: dc.relays.relays["rs2"].healthy, "rs2 up")
+            await relays["rs1"].close()
+            await until(lambda: dc.counters.get("relay_failovers") == 1, "the path moved")
+            [moved] = pushed["mn1"]
+            assert moved.relay == relays["rs2"].addresses[0]
+            assert moved.path_id not in (old.path_id, renewed.path_id)
+            assert [p.path_id for p in pushed["cn2"]][-1] == moved.path_id
+            assert "relay_failover_failed" not in dc.counters
+        finally:
+            for c in conns:
+                await c.close()
+            await dc.close()
+            for r in relays.values():
+                await r.close()
+
+    run(go())
+
+
+MN1, CN2, CN3 = "mn1.ntm.example.com", "cn2.ntm.example.com", "cn3.ntm.example.net"
+
+
+async def until(cond: Callable[[], bool], what: str, bound: float = 10.0) -> None:
+    deadline = time.monotonic() + bound
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {bound} s: {what}")
+        await asyncio.sleep(0.05)

@@ -8,7 +8,7 @@ import time
 
 from dc.config import TlsConfig
 from dc.coordinator import Coordinator, DirectionPlan, Federate
-from dc.federation import Federation
+from dc.federation import FederatedPaths, Federation
 from dc.registry import Registry
 from ntm_proto.messages import (
     DirectionRequest,
@@ -119,3 +119,29 @@ def test_delegation_that_points_nowhere_fails_within_the_timeout() -> None:
     assert "ntm.example.net" in answer.reason
     assert elapsed < 1.5
     assert fed.counters["failed"] == 1
+
+
+def test_only_the_target_zones_dc_may_ask_to_rebuild_a_recent_federated_path() -> None:
+    ledger = FederatedPaths(lifetime=3600)
+    ledger.remember("mn1.ntm.example.com", "cn3.ntm.example.net", "ntm.example.net", 100.0)
+    dc2 = frozenset({"dc2.ntm.example.net"})
+    ask = DirectionRequest("mn1.ntm.example.com", "cn3.ntm.example.net")
+    assert ledger.may_rebuild(dc2, "dc", ask, 200.0) == "ntm.example.net"
+    refusals = {
+        "another zone's DC": ledger.may_rebuild(
+            frozenset({"dc9.ntm.example.org"}), "dc", ask, 200.0
+        ),
+        "a node naming a host of the zone": ledger.may_rebuild(dc2, "node", ask, 200.0),
+        "a path never federated": ledger.may_rebuild(
+            dc2, "dc", DirectionRequest("mn1.ntm.example.com", "cn4.ntm.example.net"), 200.0
+        ),
+        "another of our nodes": ledger.may_rebuild(
+            dc2, "dc", DirectionRequest("mn2.ntm.example.com", "cn3.ntm.example.net"), 200.0
+        ),
+        "a path older than its lifetime": ledger.may_rebuild(dc2, "dc", ask, 3700.0),
+    }
+    for what, answer in refusals.items():
+        assert isinstance(answer, ErrorMessage), what
+        assert answer.code is ErrorCode.NOT_AUTHORIZED, what
+    ledger.expire(3700.0)
+    assert len(ledger) == 0
