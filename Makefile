@@ -8,7 +8,7 @@ APT_PACKAGES := iproute2 nftables nsd unbound curl tcpdump iputils-ping procps \
                 user-mode-linux kmod ipvsadm iptables
 STAMP := $(VENV)/.setup-done
 
-.PHONY: setup demo lab-demo test test-unit test-lab test-ipvs lint typecheck bench clean lab-down
+.PHONY: setup demo load-demo test test-unit test-lab test-ipvs lint typecheck bench clean lab-down
 
 setup: $(STAMP)
 
@@ -27,14 +27,14 @@ $(STAMP): pyproject.toml
 	$(PY) -c "import ntm_cli.main, aioquic, dnslib, pyroute2, cryptography"
 	touch $(STAMP)
 
-# The main job: the lab with 200 swarm identities, Locust sessions through handovers and a
-# gateway failure, the verdict and the plots (loadtests/demo.py). `make lab-demo`: the short
-# narrated tour of the lab (reachability, LB, handover) without load.
+# The main job: bring the lab up, the narrated tour (reachability, LB, handover), tear down.
 demo: setup
-	$(NTM) loadtest demo $(DEMO_ARGS)
-
-lab-demo: setup
 	$(NTM) lab demo
+
+# The Locust scenario meant to become `make demo` (issue 6, not yet passing end to end): a
+# 200-identity swarm, sessions through handovers and a gateway failure, verdict and plots.
+load-demo: setup
+	$(NTM) loadtest demo $(DEMO_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check .
