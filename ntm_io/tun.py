@@ -3,7 +3,11 @@
 The fd is non-blocking: callers register `fileno()` with `loop.add_reader` and call
 `read_batch()` when it is readable. Writes never block; a full queue drops the packet
 (and counts it), because the tunnel is a datagram path and stalling the loop would
-hurt every other flow.
+hurt every other flow. `write_batch()` hands the kernel runs of TCP segments (or of UDP
+datagrams) as one packet (IFF_VNET_HDR, see `ntm_io.tun_offload`): one pass through its
+receive path per run instead of per packet. Reads take no offloads (no TUNSETOFFLOAD):
+cutting a 64 KiB TSO packet back into segments would need a TCP checksum per segment
+computed in Python, about twice the cost of sealing it (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -17,10 +21,11 @@ import logging
 import os
 import socket
 import struct
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from ntm_io.config import ConfigError
+from ntm_io.tun_offload import GSO_UDP_L4, VNET_HDR_NONE, VNET_HDR_SIZE, coalesce
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +33,7 @@ TUN_PATH = "/dev/net/tun"
 TUNSETIFF = 0x400454CA
 IFF_TUN = 0x0001
 IFF_NO_PI = 0x1000
+IFF_VNET_HDR = 0x4000
 IFNAMSIZ = 16
 
 ROOT_NEEDED = "creating a TUN device needs root (CAP_NET_ADMIN)"
@@ -70,9 +76,15 @@ def _is_eperm(exc: BaseException) -> bool:
 
 
 class TunDevice:
-    """One IFF_TUN | IFF_NO_PI device owned by this process (gone when closed)."""
+    """One IFF_TUN | IFF_NO_PI device owned by this process (gone when closed).
 
-    def __init__(self, name: str = "ntm0", mtu: int = 1400) -> None:
+    With `vnet_hdr` (the default) the device also has IFF_VNET_HDR, so `write_batch` can
+    hand the kernel a run of TCP segments or UDP datagrams as one packet
+    (`ntm_io.tun_offload`); reads and single writes look the same to callers either way.
+    A kernel that refuses the flag gets a plain device.
+    """
+
+    def __init__(self, name: str = "ntm0", mtu: int = 1400, vnet_hdr: bool = True) -> None:
         if not name or len(name.encode()) >= IFNAMSIZ:
             raise ConfigError(f"TUN name {name!r} must be 1-{IFNAMSIZ - 1} bytes long")
         try:
@@ -85,8 +97,7 @@ class TunDevice:
         except PermissionError:
             raise TunPermissionError(ROOT_NEEDED) from None
         try:
-            ifr = struct.pack("16sH22x", name.encode(), IFF_TUN | IFF_NO_PI)
-            res = fcntl.ioctl(fd, TUNSETIFF, ifr)
+            res = self._set_iff(fd, name, vnet_hdr)
         except OSError as exc:
             os.close(fd)
             if _is_eperm(exc):
@@ -100,15 +111,37 @@ class TunDevice:
         self._fd: int = fd
         self.name: str = res[:IFNAMSIZ].rstrip(b"\0").decode()
         self.mtu: int = mtu
+        self.vnet_hdr: bool = bool(self._flags & IFF_VNET_HDR)
+        self._hdr = VNET_HDR_SIZE if self.vnet_hdr else 0
         self._alloc(mtu)
         self.packets_read = 0
         self.packets_written = 0
         self.write_drops = 0  # queue full (EAGAIN) or device down (EIO)
         self.read_drops = 0  # larger than the read buffer (MTU raised behind our back)
+        self.coalesced_writes = 0  # writes that carried several segments or datagrams
+        self.coalesce_refused = 0  # merged writes the kernel refused (then: one by one)
+        self._coalesce = self.vnet_hdr
+        self._coalesce_udp = self.vnet_hdr
+
+    def _set_iff(self, fd: int, name: str, vnet_hdr: bool) -> bytes:
+        flags = IFF_TUN | IFF_NO_PI
+        if vnet_hdr:
+            try:
+                ifr = struct.pack("16sH22x", name.encode(), flags | IFF_VNET_HDR)
+                res: bytes = fcntl.ioctl(fd, TUNSETIFF, ifr)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                log.info("%s: no IFF_VNET_HDR here (%s): one write per packet", name, exc)
+            else:
+                self._flags = flags | IFF_VNET_HDR
+                return res
+        self._flags = flags
+        return bytes(fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", name.encode(), flags)))
 
     def _alloc(self, mtu: int) -> None:
         # One buffer for the life of the device; readv fills it without allocating.
-        self._buf = bytearray(max(mtu, 1280) + _READ_SLACK)
+        self._buf = bytearray(max(mtu, 1280) + _READ_SLACK + self._hdr)
         self._view = memoryview(self._buf)
         self._bufs = [self._buf]
 
@@ -213,41 +246,82 @@ class TunDevice:
     def read_batch(self, max_packets: int = 64) -> list[bytes]:
         """Read up to `max_packets` packets; stops early when the queue is empty."""
         out: list[bytes] = []
-        fd, bufs, view, size = self._fd, self._bufs, self._view, len(self._buf)
-        while len(out) < max_packets:
+        fd, bufs, view, size, hdr = self._fd, self._bufs, self._view, len(self._buf), self._hdr
+        readv, append = os.readv, out.append
+        for _ in range(max_packets):
             try:
-                n = os.readv(fd, bufs)
+                n = readv(fd, bufs)
             except BlockingIOError:
                 break
             except InterruptedError:
                 continue
-            if n >= size:
-                self.read_drops += 1  # truncated: forwarding a torn packet is worse
+            if n >= size or (hdr and view[1]):
+                # Truncated, or a GSO packet we never asked for (no TUNSETOFFLOAD):
+                # forwarding a torn packet is worse than dropping it.
+                self.read_drops += 1
                 continue
-            out.append(bytes(view[:n]))
+            append(bytes(view[hdr:n]))
         self.packets_read += len(out)
         return out
 
     def write(self, packet: bytes | bytearray | memoryview) -> bool:
         """Inject one IP packet; False (and counted) when it had to be dropped."""
+        return self._write([VNET_HDR_NONE, packet] if self._hdr else [packet], 1)
+
+    def _write(self, buffers: list[Any], packets: int) -> bool:
         try:
-            os.write(self._fd, packet)
+            os.writev(self._fd, buffers)
         except BlockingIOError:
-            self.write_drops += 1
+            self.write_drops += packets
             return False
         except OSError as exc:
             # EIO: link administratively down; EINVAL: not an IP packet. Neither
             # should take the data path down with it.
             if exc.errno not in (errno.EIO, errno.EINVAL):
                 raise
-            self.write_drops += 1
+            self.write_drops += packets
             return False
-        self.packets_written += 1
+        self.packets_written += packets
         return True
 
-    def write_batch(self, packets: Iterable[bytes | bytearray | memoryview]) -> int:
-        """Inject packets in order; returns how many were accepted."""
-        return sum(1 for p in packets if self.write(p))
+    def write_batch(self, packets: Sequence[bytes]) -> int:
+        """Inject packets in order, runs of TCP segments or UDP datagrams of one flow
+        merged (with `vnet_hdr`); returns how many packets were accepted."""
+        if not self._coalesce or len(packets) == 1:
+            return sum(1 for p in packets if self.write(p))
+        accepted = 0
+        for buffers, originals in coalesce(packets, udp=self._coalesce_udp):
+            n = len(originals)
+            if n == 1:
+                accepted += self._write(buffers, 1)
+                continue
+            try:
+                os.writev(self._fd, buffers)
+            except BlockingIOError:
+                self.write_drops += n
+                continue
+            except OSError as exc:
+                if exc.errno == errno.EIO:
+                    self.write_drops += n
+                    continue
+                if exc.errno != errno.EINVAL:
+                    raise
+                # This kernel does not take this kind of GSO write (UDP needs Linux 6.2):
+                # that kind goes one packet per write from now on.
+                udp = bytes(buffers[0])[1] == GSO_UDP_L4
+                log.warning("%s: merged %s write refused (%s); not merging those any more",
+                            self, "UDP" if udp else "TCP", exc)  # fmt: skip
+                if udp:
+                    self._coalesce_udp = False
+                else:
+                    self._coalesce = False
+                self.coalesce_refused += 1
+                accepted += sum(1 for p in originals if self.write(p))
+                continue
+            self.coalesced_writes += 1
+            self.packets_written += n
+            accepted += n
+        return accepted
 
     # -- lifetime ------------------------------------------------------------------
 

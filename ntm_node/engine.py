@@ -2,7 +2,12 @@
 
 Per wake-up each side is drained until EAGAIN (bounded, so neither side starves the
 other), and sockets get large buffers: syscalls and the interpreter, not AES, bound a
-userspace tunnel (see docs/performance.md). All protocol decisions live in ntm_proto.
+userspace tunnel (see docs/performance.md). So packets move in batches: a TUN burst is
+sealed, then sent per path in as few `sendmsg` calls as UDP GSO allows; a GRO read is
+split into its datagrams; what they carry goes into the TUN through `write_batch`, which
+merges TCP segments (`ntm_io.udp_batch`, `ntm_io.tun_offload`). Nothing waits for more
+packets to arrive: a batch is what one wake-up found. All protocol decisions live in
+ntm_proto.
 
 Sockets: by default one wildcard socket per family. With `addresses` (`[node]
 tunnel_addresses`, a host with several uplinks) one socket per address instead, and each
@@ -22,6 +27,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from ntm_io.sockets import big_buffers
+from ntm_io.udp_batch import BatchSender, enable_gro, recv_segments, split_segments
 from ntm_proto.crypto import StaticKey
 from ntm_proto.endpoint import TunnelEndpoint
 from ntm_proto.errors import LocalProtocolError
@@ -30,6 +36,7 @@ from ntm_proto.path import (
     HandshakeFailed,
     PathConfig,
     PathEstablished,
+    PathEvent,
     PathIdle,
     PathState,
     PeerAddressChanged,
@@ -41,10 +48,12 @@ from ntm_proto.relay_binding import BindingType, RelayBinder
 log = logging.getLogger("ntm.engine")
 
 MAX_BATCH = 256  # packets handled per wake-up and direction before yielding
+TUN_BATCH = 64  # packets read from the TUN before they are sealed and sent (GSO runs)
 BIND_ACK = bytes([BindingType.BIND_ACK])
 IP_FREEBIND = 15  # linux/in.h; bind an address that is not (yet) configured, e.g. tentative v6
 
 ProbeListener = Callable[[bytes, ProbeResult], None]
+SendListener = Callable[[list[TunnelPath], float], None]  # the paths that sealed data, and when
 
 
 class PacketDevice(Protocol):
@@ -80,6 +89,7 @@ class TunnelEngine:
         # path id -> the socket its latest authenticated packet came in on (with addresses)
         self._path_sock: dict[bytes, socket.socket] = {}
         self.probe_listeners: list[ProbeListener] = []
+        self.send_listeners: list[SendListener] = []  # failover without idle probing
         # inner destination address (packed) -> the path that carries it now
         self._route: dict[bytes, TunnelPath] = {}
         self._meta: dict[bytes, RouteDirection] = {}
@@ -89,6 +99,7 @@ class TunnelEngine:
         self._timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.on_path_change = on_path_change
+        self._sender = BatchSender(self.counters)
 
     def _count(self, key: str, n: int = 1) -> None:
         self.counters[key] = self.counters.get(key, 0) + n
@@ -110,6 +121,7 @@ class TunnelEngine:
             if self.addresses:
                 sock.setsockopt(socket.IPPROTO_IP, IP_FREEBIND, 1)
             big_buffers(sock)
+            enable_gro(sock)
             sock.setblocking(False)
             try:
                 sock.bind((host, self.port))
@@ -142,6 +154,7 @@ class TunnelEngine:
         if self._loop is not None:
             for sock in self._bound:
                 self._loop.remove_reader(sock.fileno())
+                self._sender.forget(sock)
                 sock.close()
             if self.tun is not None:
                 self._loop.remove_reader(self.tun.fileno())
@@ -265,88 +278,168 @@ class TunnelEngine:
     # --- data path -----------------------------------------------------------------------
 
     def _on_tun(self) -> None:
-        assert self.tun is not None
+        tun = self.tun
+        assert tun is not None
         now = time.monotonic()
         route = self._route
-        handled = 0
+        out: dict[TunnelPath, list[bytes]] = {}
+        touched: dict[TunnelPath, None] = {}  # paths that sealed data (ordered set)
+        handled = not_ipv4 = no_path = 0
         while handled < MAX_BATCH:
-            packets = self.tun.read_batch(64)
+            packets = tun.read_batch(TUN_BATCH)
             if not packets:
                 break
             handled += len(packets)
             for pkt in packets:
                 if len(pkt) < 20 or pkt[0] >> 4 != 4:
-                    self._count("tun_dropped_not_ipv4")
+                    not_ipv4 += 1
                     continue
                 path = route.get(pkt[16:20])
                 if path is None:
-                    self._count("tun_dropped_no_path")
+                    no_path += 1
                     continue
-                out = path.seal(pkt, now)
-                addr = path.peer_address
-                if out is None or addr is None:
+                sealed = path.seal(pkt, now)
+                if sealed is None:
                     self._count("tun_dropped_not_established")
                     continue
-                self._send(out, addr)
-            if len(packets) < 64:
+                batch = out.get(path)
+                if batch is None:
+                    out[path] = [sealed]
+                else:
+                    batch.append(sealed)
+            if out:  # per read batch, so a burst never waits for the next one
+                self._send_sealed(out)
+                touched.update(dict.fromkeys(out))
+                out.clear()
+            if len(packets) < TUN_BATCH:
                 break
-        self._flush()
+        if not_ipv4:
+            self._count("tun_dropped_not_ipv4", not_ipv4)
+        if no_path:
+            self._count("tun_dropped_no_path", no_path)
+        # Sealing queues no datagram and no event, but a spent packet budget makes a rekey
+        # due at once: re-arm only if a path we sealed on wants the timer sooner.
+        self._rearm_for(touched)
+        if touched and self.send_listeners:
+            paths = list(touched)
+            for listener in self.send_listeners:
+                try:
+                    listener(paths, now)
+                except Exception:  # a listener's bug must not stop the data path
+                    log.exception("send listener failed")
+
+    def _send_sealed(self, out: dict[TunnelPath, list[bytes]]) -> None:
+        for path, datagrams in out.items():
+            addr = path.peer_address
+            if addr is None:
+                self._count("tun_dropped_not_established", len(datagrams))
+                continue
+            sock = self._sock_for(path.path_id, addr)
+            if sock is None:
+                self._count("tx_dropped_no_family", len(datagrams))
+                continue
+            self._sender.send(sock, datagrams, addr)
 
     def _on_udp(self, sock: socket.socket) -> None:
         now, wall = time.monotonic(), time.time_ns()
         receive = self.endpoint.receive_datagram
         peer_vip = self._peer_vip
+        local_vip = self._local_vip_bytes
         tun = self.tun
+        write_batch = getattr(tun, "write_batch", None)  # a test's device may lack it
+        path_of = self.endpoint.path
+        inners: list[bytes] = []
+        touched: dict[TunnelPath, None] = {}  # paths that took input (ordered set)
+        pair_of: TunnelPath | None = None  # the path `pair` (its vIP + ours) was made for
+        pair = b""
+        delivered = bound = False
         pin = bool(self.addresses)
-        for _ in range(MAX_BATCH):
+        budget = MAX_BATCH
+        while budget > 0:
             try:
-                data, addr = sock.recvfrom(65535)
+                buf, segment, addr = recv_segments(sock)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:  # e.g. ICMP port unreachable surfaced as ECONNREFUSED
                 self._count("udp_errors")
                 log.debug("udp receive error: %s", exc)
+                budget -= 1
                 continue
-            if data[:1] == BIND_ACK:
-                binder = self._binders.get(data[4:12])
-                if binder is None or not binder.receive_ack(data, (addr[0], addr[1]), now):
-                    self._count("rx_dropped_bind_ack")
-                continue
-            if pin:
-                known = self.endpoint.path(data[4:12])
-                heard = known.last_received if known is not None else 0.0
-                result = receive(data, (addr[0], addr[1]), now, wall)
-                if known is not None and known.last_received != heard:
-                    self._path_sock[known.path_id] = sock  # it authenticated: answer here
-            else:
-                result = receive(data, (addr[0], addr[1]), now, wall)
-            if result is None:
-                continue
-            path, inner = result
-            if not inner:
-                continue
-            # The peer may only speak for its own vIP, and only to ours.
-            if (
-                len(inner) < 20
-                or inner[0] >> 4 != 4
-                or inner[12:16] != peer_vip.get(path.path_id)
-                or inner[16:20] != self._local_vip_bytes
-            ):
-                self._count("rx_dropped_inner_address")
-                continue
-            if tun is not None:
-                tun.write(inner)
-        self._flush()
+            src: Endpoint = (addr[0], addr[1])
+            datagrams = split_segments(buf, segment) if segment else (buf,)
+            budget -= len(datagrams)
+            for data in datagrams:
+                if data[:1] == BIND_ACK:
+                    binder = self._binders.get(data[4:12])
+                    if binder is None or not binder.receive_ack(data, src, now):
+                        self._count("rx_dropped_bind_ack")
+                    bound = True
+                    continue
+                if pin:
+                    known = path_of(data[4:12])
+                    heard = known.last_received if known is not None else 0.0
+                    result = receive(data, src, now, wall)
+                    if known is not None and known.last_received != heard:
+                        self._path_sock[known.path_id] = sock  # it authenticated: answer here
+                else:
+                    result = receive(data, src, now, wall)
+                if result is None:  # not DATA (or dropped): it may have queued an answer
+                    other = path_of(data[4:12])
+                    if other is not None:
+                        touched[other] = None
+                    continue
+                path, inner = result
+                touched[path] = None
+                if not inner:
+                    continue
+                # The peer may only speak for its own vIP, and only to ours: source and
+                # destination, bytes 12..20 of its IPv4 header (a shorter packet fails).
+                if path is not pair_of:
+                    pair_of = path
+                    pair = (peer_vip.get(path.path_id) or b"-") + local_vip
+                if inner[12:20] != pair or inner[0] >> 4 != 4:
+                    self._count("rx_dropped_inner_address")
+                    continue
+                inners.append(inner)
+            if len(inners) >= TUN_BATCH:
+                self._deliver(inners, write_batch)
+                inners = []
+                delivered = True
+        if inners:
+            self._deliver(inners, write_batch)
+            delivered = True
+        if bound:
+            self._flush()
+        else:
+            self._flush_paths(touched)
+        if delivered and tun is not None:
+            # The local stack often answers inside our write (an echo reply, a TCP ACK):
+            # read it now instead of going round the event loop first.
+            self._on_tun()
+
+    def _deliver(
+        self, packets: list[bytes], write_batch: Callable[[list[bytes]], int] | None
+    ) -> None:
+        """Into the TUN, several at a time where the device can merge them."""
+        if write_batch is not None:
+            write_batch(packets)
+        elif self.tun is not None:
+            for pkt in packets:
+                self.tun.write(pkt)
+
+    def _sock_for(self, path_id: bytes, addr: Endpoint) -> socket.socket | None:
+        """The socket toward `addr`: the one the path's peer last reached us on (with
+        `addresses`), else the default one of its family."""
+        family = socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
+        if self._path_sock:
+            sock = self._path_sock.get(path_id)
+            if sock is not None and sock.family == family:
+                return sock
+        return self._socks.get(family)
 
     def _send(self, data: bytes, addr: Endpoint) -> None:
-        family = socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
-        sock = None
-        if self._path_sock:  # tunnel and relay-binding packets carry the path id at 4..12
-            sock = self._path_sock.get(data[4:12])
-            if sock is not None and sock.family != family:
-                sock = None
-        if sock is None:
-            sock = self._socks.get(family)
+        # tunnel and relay-binding packets carry the path id at 4..12
+        sock = self._sock_for(data[4:12], addr)
         if sock is None:
             self._count("tx_dropped_no_family")
             return
@@ -357,6 +450,16 @@ class TunnelEngine:
         except OSError as exc:
             self._count("tx_errors")
             log.debug("send to %s failed: %s", addr, exc)
+
+    def _rearm_for(self, paths: dict[TunnelPath, None]) -> None:
+        """Re-arm the timer if one of `paths` needs it before it fires now."""
+        timer = self._timer
+        when = timer.when() if timer is not None else float("inf")
+        for path in paths:
+            t = path.get_timer()
+            if t is not None and t < when - 0.001:
+                self._arm_timer()
+                return
 
     # --- timers and events -------------------------------------------------------------
 
@@ -374,13 +477,34 @@ class TunnelEngine:
         self._handle_events()
         self._arm_timer()
 
+    def _flush_paths(self, paths: dict[TunnelPath, None]) -> None:
+        """`_flush` for the paths a wake-up fed: no other path can have queued anything,
+        so the cost stays with the traffic, not with the number of paths (a gateway)."""
+        if not paths:
+            return
+        now = time.monotonic()
+        events: list[tuple[bytes, PathEvent]] = []
+        for path in paths:
+            for data, addr in path.datagrams_to_send(now):
+                self._send(data, addr)
+            while (event := path.next_event()) is not None:
+                events.append((path.path_id, event))
+        if events:  # rare (a handshake, a move): they may queue BINDs and change timers
+            self._handle_events(events)
+            self._flush()
+            return
+        self._rearm_for(paths)
+
     def _arm_timer(self) -> None:
         timers = [t for b in self._binders.values() if (t := b.get_timer()) is not None]
         if (t := self.endpoint.get_timer()) is not None:
             timers.append(t)
         when = min(timers) if timers else None
         if self._timer is not None:
-            if when is not None and abs(self._timer.when() - when) < 0.001:
+            # Under traffic the keepalive and idle deadlines move later with every packet;
+            # a timer that fires early only re-arms (`_on_timer`), which is far cheaper
+            # than replacing it on every wake-up.
+            if when is not None and when >= self._timer.when() - 0.001:
                 return
             self._timer.cancel()
             self._timer = None
@@ -397,9 +521,9 @@ class TunnelEngine:
         self.endpoint.handle_timer(now, wall)
         self._flush()
 
-    def _handle_events(self) -> None:
+    def _handle_events(self, events: list[tuple[bytes, PathEvent]] | None = None) -> None:
         changed = False
-        for path_id, event in self.endpoint.events():
+        for path_id, event in self.endpoint.events() if events is None else events:
             rd = self._meta.get(path_id)
             name = rd.peer_fqdn if rd else path_id.hex()
             if isinstance(event, PathEstablished):

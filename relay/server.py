@@ -5,8 +5,10 @@ Every decision lives in `relay.core.RelayCore`; this module moves bytes. One UDP
 and an IPv4 end and an IPv6 end meet through two sockets of the same RS). Each wake-up
 drains the readable socket until EAGAIN (at most MAX_BATCH datagrams, so one busy socket
 cannot starve the others or the control plane), and the sockets get large buffers: a
-userspace relay is bound by syscalls and the interpreter. Python has no sendmmsg, so a
-forward is one `sendto` straight away; batching sends would only add latency.
+userspace relay is bound by syscalls and the interpreter. Python has no recvmmsg or
+sendmmsg; the sockets use UDP GRO instead, so a burst from one end arrives in one read, and
+its datagrams for the same destination leave in one GSO send (`ntm_io.udp_batch`), in
+order and as soon as the read is handled (no waiting for more).
 
 Control: QUIC with mutual TLS (`ntm_io.control`), one RelayDirection per stream, answered
 with a RelayDirectionAck or an ErrorMessage. Only a peer whose certificate role is `dc`
@@ -29,6 +31,7 @@ from ntm_io.control import ControlConnection, ControlServer, serve_control
 from ntm_io.daemon import serve_until_signalled
 from ntm_io.sockets import big_buffers
 from ntm_io.status import serve_status
+from ntm_io.udp_batch import BatchSender, enable_gro, recv_segments, split_segments
 from ntm_proto.errors import DecodeError
 from ntm_proto.messages import (
     Endpoint,
@@ -40,7 +43,7 @@ from ntm_proto.messages import (
 )
 
 from .config import RelayConfig
-from .core import RelayCore
+from .core import Binding, RelayCore
 
 log = logging.getLogger("ntm.relay")
 
@@ -57,6 +60,7 @@ class RelayServer:
             ("udp_errors", "tx_errors", "tx_dropped_full", "control_refused_role"), 0
         )
         self._socks: list[socket.socket] = []  # index = the core's `via`
+        self._sender = BatchSender(self.counters)
         self._control: list[ControlServer] = []
         self._status: asyncio.Server | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -106,6 +110,7 @@ class RelayServer:
         for sock in self._socks:
             if self._loop is not None:
                 self._loop.remove_reader(sock.fileno())
+            self._sender.forget(sock)
             sock.close()
         self._socks.clear()
         for server in self._control:
@@ -133,22 +138,52 @@ class RelayServer:
         sock = self._socks[via]
         now = time.monotonic()
         receive = self.core.receive_datagram
-        for _ in range(MAX_BATCH):
+        budget = MAX_BATCH
+        while budget > 0:
             try:
-                data, addr = sock.recvfrom(MAX_DATAGRAM)
+                buf, segment, addr = recv_segments(sock)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:  # e.g. an ICMP error surfaced on the socket
                 self.counters["udp_errors"] += 1
                 log.debug("udp receive error on %s: %s", _fmt(self.addresses[via]), exc)
+                budget -= 1
                 continue
-            dst = receive(data, (addr[0], addr[1]), now, via)
-            if dst is not None:
-                self._send(data, dst.address, dst.via)
-            else:  # a BIND (ACK, released queue) or a drop; forwards keep their order
+            src: Endpoint = (addr[0], addr[1])
+            datagrams = split_segments(buf, segment) if segment else (buf,)
+            budget -= len(datagrams)
+            # A coalesced read is a run from one source, mostly of one path: forward the
+            # datagrams that go to the same place together (one GSO send), in order.
+            run: list[bytes] = []
+            run_to: Binding | None = None
+            for data in datagrams:
+                dst = receive(data, src, now, via)
+                if dst is not None:
+                    if run and dst is not run_to:
+                        self._forward(run, run_to)
+                        run = []
+                    run.append(data)
+                    run_to = dst
+                    continue
+                if run:
+                    self._forward(run, run_to)
+                    run = []
+                # a BIND (ACK, released queue) or a drop; forwards keep their order
                 for out, to, out_via in self.core.datagrams_to_send():
                     self._send(out, to, out_via)
+            if run:
+                self._forward(run, run_to)
         self._arm_timer()
+
+    def _forward(self, datagrams: list[bytes], dst: Binding | None) -> None:
+        if dst is None or dst.address is None:
+            return
+        try:
+            sock = self._socks[dst.via]
+        except IndexError:
+            self.counters["tx_errors"] += 1
+            return
+        self._sender.send(sock, datagrams, dst.address)
 
     def _send(self, data: bytes, addr: Endpoint | None, via: int) -> None:
         if addr is None:
@@ -254,6 +289,7 @@ def _open_udp(host: str, port: int) -> socket.socket:
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         big_buffers(sock)
+        enable_gro(sock)
         sock.setblocking(False)
         sock.bind((host, port))
     except OSError as exc:
