@@ -10,6 +10,14 @@ leaves through the TUN with our vIP as its source, where the engine finds the MN
 the destination. The forward chain lets through only what we DNATed and its replies: no one
 uses the NTMA as a router into the service network or into tunnels.
 
+Adopted flows: after a gateway failover, a flow DNATed by another NTMA arrives here
+mid-stream, and its first packet may well come from the service side (a download: the
+server sends, the MN only acknowledges what it gets, and it got nothing since the switch).
+Such a packet, from (LB virtual address, P) toward a tunnel, has no conntrack entry here; it
+gets its source rewritten to (our vIP, P) — exactly what undoing our own DNAT would have
+done — and conntrack keeps that mapping for the rest of the flow both ways. NAT rules see
+only a flow's first packet, so this never touches a flow that began here.
+
 The tunnel engine has already checked every inner packet before it reaches the TUN (source
 = the tunnel's peer vIP, destination = our vIP; counted as `rx_dropped_inner_address`).
 """
@@ -44,6 +52,18 @@ def ruleset(cfg: AdaptorConfig, vip: str) -> str:
             f'counter dnat to {lb}:{f.port} comment "public {f}"'
             for f in cfg.public_forward
         ]
+    # Adopted flows (see the module docstring): what the service sends toward a tunnel
+    # without conntrack state here.
+    adopt = [
+        f'        oifname "{tun}" ip saddr {lb} {f.protocol} sport {f.port} '
+        f'counter snat to {vip}:{f.port} comment "adopted {f}"'
+        for f in cfg.forward
+    ]
+    adopt_fwd = [
+        f'        iifname "{cfg.service_interface}" oifname "{tun}" ip saddr {lb} '
+        f"{f.protocol} sport {f.port} ct state new accept"
+        for f in cfg.forward
+    ]
     return "\n".join(
         [
             f"table ip {t}",
@@ -53,10 +73,15 @@ def ruleset(cfg: AdaptorConfig, vip: str) -> str:
             "        type nat hook prerouting priority dstnat; policy accept;",
             *pre,
             "    }",
+            "    chain postrouting {",
+            "        type nat hook postrouting priority srcnat; policy accept;",
+            *adopt,
+            "    }",
             "    chain forward {",
             "        type filter hook forward priority filter; policy drop;",
             "        ct state established,related accept",
             f'        ct status dnat ip daddr {lb} counter accept comment "to the service"',
+            *adopt_fwd,
             f'        iifname "{tun}" counter drop comment "from a tunnel, not to the service"',
             '        counter drop comment "not ours to forward"',
             "    }",
@@ -84,7 +109,7 @@ def nft(script: str) -> None:
 def install(cfg: AdaptorConfig, vip: str) -> None:
     nft(ruleset(cfg, vip))
     log.info(
-        "forwarding %s of vIP %s%s to %s (no SNAT; table ip %s)",
+        "forwarding %s of vIP %s%s to %s (the service sees the client's address; table ip %s)",
         ", ".join(map(str, cfg.forward)),
         vip,
         (

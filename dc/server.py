@@ -98,6 +98,7 @@ class DcServer:
         )
         self.relays = RelayPool(config.relays, config.tls, on_down=self._relay_down)
         self.coordinator.relays_available = self.relays.any_healthy
+        self._saved_vips: dict[str, str] | None = None  # what the state file holds
         self._relayed = RelayedPaths()  # the relayed paths we installed, for failover
         self.federated = FederatedPaths(config.path_lifetime)  # our nodes' federated paths
         self.counters: dict[str, int] = {}
@@ -175,10 +176,15 @@ class DcServer:
             self.federated.expire(now)
 
     def _save_state(self) -> None:
-        if self.config.state_file:
-            path = Path(self.config.state_file)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps({"vips": self.registry.pool.assignments()}))
+        if not self.config.state_file:
+            return
+        vips = self.registry.pool.assignments()
+        if vips == self._saved_vips:
+            return  # a refresh or a move (hundreds at once from a swarm): nothing new
+        path = Path(self.config.state_file)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"vips": vips}))
+        self._saved_vips = vips
 
     # --- requests ------------------------------------------------------------------------
 

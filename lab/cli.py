@@ -90,7 +90,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("cmd", nargs=argparse.REMAINDER)
     p = sub.add_parser("run-all", help="run several commands as one service")
     p.add_argument("cmd", nargs=argparse.REMAINDER, help='-- "CMD1 ..." "CMD2 ..."')
-    p = sub.add_parser("httpd", help="HTTP server answering server=NAME client=IP")
+    p = sub.add_parser(
+        "httpd", help="HTTP server answering server=NAME client=IP (GET /bytes?n=N: N test bytes)"
+    )
     p.add_argument("--name", required=True)
     p.add_argument("--port", type=int, default=80)
     p.add_argument("--bind", default="::")

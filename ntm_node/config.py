@@ -47,6 +47,8 @@ class NodeConfig:
     switch_time_estimate: float = 0.3  # C until the node has measured its own
     dead_after_losses: int = 8  # K
     failback_hold_down: float = 60.0
+    # False: probe only paths with unanswered outbound data (docs/failover.md, a swarm)
+    probe_idle_paths: bool = True
 
     def liveness_timers(self) -> LivenessTimers:
         """The failover timers with the configured estimate of the switch time."""
@@ -89,6 +91,7 @@ def load(path: str | Path) -> NodeConfig:
         switch_time_estimate=node.number("switch_time_estimate", 0.3, lo=0.0),
         dead_after_losses=node.integer("dead_after_losses", 8, 1, 64),
         failback_hold_down=node.number("failback_hold_down", 60.0, lo=0.0),
+        probe_idle_paths=node.flag("probe_idle_paths", True),
         dc_addresses=tuple(dc.ip_list("addresses")),
         dc_port=dc.integer("port", 4433, 1, 65535),
         dc_server_name=dc.text("server_name", what="the name in the DC's certificate"),

@@ -33,7 +33,7 @@ from .config import NodeConfig
 from .dc_client import DcClient, DirectionError
 from .dns_server import StubResolver
 from .engine import PathError, TunnelEngine
-from .failover import FailoverManager
+from .failover import FailoverManager, probe_other_families
 from .renewal import PathRenewer
 
 log = logging.getLogger("ntm.node")
@@ -84,6 +84,7 @@ class NodeDaemon:
             self.engine,
             lambda fqdn, gateway: self.dc.request_direction(fqdn, gateway=gateway),
             config.liveness_timers(),
+            probe_idle=config.probe_idle_paths,
         )
         # Renew the paths we asked for before their lifetime ends (ntm_proto/renewal.py).
         self.renewal = PathRenewer(
@@ -265,6 +266,8 @@ class NodeDaemon:
         self.dc.addresses_changed()
         try:
             self.engine.local_address_changed()
+            if probe_other_families(self.engine.endpoint, addresses, time.monotonic()):
+                self.engine.flush()
         except Exception:
             log.exception("telling the tunnels about the new address failed")
 

@@ -70,6 +70,9 @@ class DcClient:
         self.gateway = ""
         self.weight = 100
         self.ordinary_clients = True  # False: keep this node out of the DC's DNS answers
+        # Shared by a swarm's identities: hundreds of TLS handshakes started at once (after
+        # a move) all outlast the timeout and start over; a few at a time all complete.
+        self.connect_slots: asyncio.Semaphore | None = None
 
     def _count(self, key: str) -> None:
         self.counters[key] = self.counters.get(key, 0) + 1
@@ -148,20 +151,21 @@ class DcClient:
         errors = []
         for host in candidates:
             try:
-                return await asyncio.wait_for(
-                    connect_control(
-                        host,
-                        self.config.dc_port,
-                        server_name=self.config.dc_server_name,
-                        ca=self.config.ca,
-                        cert=self.config.cert,
-                        key=self.config.key,
-                        handler=self._handle_push,
-                    ),
-                    REQUEST_TIMEOUT,
-                )
+                async with self.connect_slots or contextlib.nullcontext():
+                    return await asyncio.wait_for(
+                        connect_control(
+                            host,
+                            self.config.dc_port,
+                            server_name=self.config.dc_server_name,
+                            ca=self.config.ca,
+                            cert=self.config.cert,
+                            key=self.config.key,
+                            handler=self._handle_push,
+                        ),
+                        REQUEST_TIMEOUT,
+                    )
             except (TimeoutError, ControlError, OSError) as exc:
-                errors.append(f"{host}: {exc or type(exc).__name__}")
+                errors.append(f"{host}: {str(exc) or type(exc).__name__}")
         raise ControlError("cannot reach the DC (" + "; ".join(errors) + ")")
 
     async def _stay_registered(self) -> None:
@@ -183,10 +187,17 @@ class DcClient:
             log.debug("stay_registered woke: closed=%s wake=%s", closed in done, wake in done)
             if wake in done:
                 # A move: the old connection's source address may be gone; start afresh
-                # so the DC sees where we are now.
+                # so the DC sees where we are now. No polite close: it would wait out
+                # QUIC's closing period toward an address we may no longer have.
                 self._wake.clear()
-                await self._drop_connection()
+                self._abandon_connection()
             await self._connect_and_register()
+
+    def _abandon_connection(self) -> None:
+        self.registered.clear()
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.abort()  # the DC replaces it when we register again
 
     async def _drop_connection(self) -> None:
         self.registered.clear()

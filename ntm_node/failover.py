@@ -17,12 +17,16 @@ module reads the clock, sends the probes a monitor asks for, and acts on its ver
 
 Each build's direction round trip + handshake is a measurement of C, the switch time, and
 F = A - C follows it (`timers`). Events are kept for `ntm status`.
+
+With `probe_idle=False` only paths in use are probed: the engine reports the paths it sealed
+data on (`send_listeners`) and a monitor watches from the first such packet no inbound one
+has followed yet (`PathMonitor.data_sent`); a swarm of hundreds of quiet paths sends no
+probes at all.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import time
@@ -30,6 +34,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Protocol
 
+from ntm_io.netwatch import AddressSet
 from ntm_proto.endpoint import TunnelEndpoint
 from ntm_proto.errors import LocalProtocolError
 from ntm_proto.liveness import (
@@ -44,7 +49,7 @@ from ntm_proto.messages import Endpoint, PathRole, RouteDirection
 from ntm_proto.path import PathState, ProbeResult, TunnelPath
 
 from .dc_client import DirectionError
-from .engine import PathError, ProbeListener
+from .engine import PathError, ProbeListener, SendListener
 
 log = logging.getLogger("ntm.failover")
 
@@ -65,6 +70,7 @@ class Engine(Protocol):
 
     endpoint: TunnelEndpoint
     probe_listeners: list[ProbeListener]
+    send_listeners: list[SendListener]  # used only with probe_idle=False
 
     def route_direction(self, path_id: bytes) -> RouteDirection | None: ...
     def path_to(self, peer_vip: str) -> TunnelPath | None: ...
@@ -113,12 +119,19 @@ class _Watch:
     dead_since: float = 0.0
     detection_s: float = 0.0
     task: asyncio.Task[None] | None = None
+    task_kind: str = ""  # "switch" or "failback"
     retry_at: float = 0.0
     retry_delay: float = RETRY_MIN
 
     @property
     def busy(self) -> bool:
         return self.task is not None and not self.task.done()
+
+    @property
+    def switching(self) -> bool:
+        """Moving away from a dead path: that path is not watched meanwhile. A fail-back is
+        not this: the path it would replace carries the traffic, so it stays watched."""
+        return self.busy and self.task_kind != "failback"
 
 
 class FailoverManager:
@@ -128,8 +141,10 @@ class FailoverManager:
         request_direction: RequestDirection,
         timers: LivenessTimers,
         clock: Callable[[], float] = time.monotonic,
+        probe_idle: bool = True,
     ) -> None:
         self.engine = engine
+        self.probe_idle = probe_idle  # False: probe only paths in use
         self.request_direction = request_direction
         self.base = timers
         self.switch_time = SwitchTimeEstimate(timers.switch_time)
@@ -138,10 +153,17 @@ class FailoverManager:
         self.events: deque[FailoverEvent] = deque(maxlen=EVENTS_KEPT)
         self.counters: dict[str, int] = {}
         self._watches: dict[str, _Watch] = {}
-        self._wake = asyncio.Event()
+        self._by_path: dict[bytes, _Watch] = {}  # watched path id -> its watch
+        # run()'s sleep: a future the alarm (or wake()) completes; _wake_by moves the alarm
+        self._rung = False
+        self._sleep: asyncio.Future[None] | None = None
+        self._alarm: asyncio.TimerHandle | None = None
+        self._due = float("inf")
         self._reported_problem: str | None = None
         self._paused_until = 0.0
         engine.probe_listeners.append(self._on_probe)
+        if not probe_idle:
+            engine.send_listeners.append(self._on_data_sent)
 
     def _count(self, key: str) -> None:
         self.counters[key] = self.counters.get(key, 0) + 1
@@ -163,7 +185,20 @@ class FailoverManager:
         self._reported_problem = problem
 
     def wake(self) -> None:
-        self._wake.set()
+        """Look at the engine now (a path was built, a task ended)."""
+        self._rung = True
+        if self._sleep is not None and not self._sleep.done():
+            self._sleep.set_result(None)
+
+    def _wake_by(self, when: float) -> None:
+        """Look at the engine no later than `when` (moves run()'s alarm; no extra step)."""
+        if self._sleep is None or when >= self._due:
+            return  # stepping now (timers are read afterwards), or waking in time anyway
+        if self._alarm is not None:
+            self._alarm.cancel()
+        self._due = when
+        delay = max(when - self.clock(), 0.0)
+        self._alarm = asyncio.get_running_loop().call_later(delay, self.wake)
 
     def pause(self, now: float) -> None:
         """The node itself is moving: its paths go quiet for a reason of its own, so hold
@@ -176,21 +211,34 @@ class FailoverManager:
         for w in self._watches.values():
             if w.monitor is not None and w.uplink_from is None:
                 w.monitor.reset(now)
-        self._wake.set()
+        self.wake()
 
     # --- the loop ------------------------------------------------------------------------
 
     async def run(self) -> None:
+        loop = asyncio.get_running_loop()
         try:
             while True:
+                self._rung = False
                 delay = MAX_WAIT
                 try:
                     delay = self.step(self.clock())
                 except Exception:  # never let a bug here stop the node
                     log.exception("failover step failed")
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), max(delay, 0.001))
-                self._wake.clear()
+                if self._rung:
+                    continue  # woken while stepping
+                # A bare future and timer: a swarm runs hundreds of these loops.
+                delay = max(delay, 0.001)
+                self._due = self.clock() + delay
+                self._sleep = sleep = loop.create_future()
+                self._alarm = loop.call_later(delay, self.wake)
+                try:
+                    await sleep
+                finally:
+                    if self._alarm is not None:
+                        self._alarm.cancel()
+                    self._sleep = self._alarm = None
+                    self._due = float("inf")
         finally:
             for w in self._watches.values():
                 if w.task is not None:
@@ -217,15 +265,15 @@ class FailoverManager:
 
     def _timers_of(self, w: _Watch, timers: LivenessTimers) -> list[float]:
         out: list[float] = []
-        if w.busy:
+        if w.switching:
             return out
         if w.uplink_from is not None:
             out += [w.uplink_until, w.uplink_next_probe]
         elif w.monitor is not None and (t := w.monitor.get_timer(timers)) is not None:
             out.append(t)
-        elif w.monitor is not None:
-            out.append(w.retry_at)
-        if (t := w.plan.next_check()) is not None:
+        elif w.monitor is not None and w.monitor.declared_dead_at is not None:
+            out.append(w.retry_at)  # dead: the next attempt (no timer while not in use)
+        if not w.busy and (t := w.plan.next_check()) is not None:  # no fail-back under way
             out.append(t)
         return out
 
@@ -251,7 +299,7 @@ class FailoverManager:
                 if w.path_id:
                     log.info("%s: watching path %s via %s", service, path.path_id.hex(), rd.gateway)
                 w.path_id = path.path_id
-                w.monitor = PathMonitor(now)
+                w.monitor = PathMonitor(now, watch_idle=self.probe_idle)
                 w.uplink_from = None
                 w.retry_delay = RETRY_MIN
                 w.retry_at = 0.0
@@ -260,10 +308,12 @@ class FailoverManager:
             if service not in current and w.monitor is not None and not w.busy:
                 w.monitor = None  # the path is gone; the plan (hold-downs) stays
                 w.path_id = b""
+        if not self.probe_idle:
+            self._by_path = {w.path_id: w for w in self._watches.values() if w.monitor}
 
     def _step_one(self, w: _Watch, now: float, timers: LivenessTimers) -> bool:
         """One watched service; True when a probe was queued."""
-        if w.busy or w.monitor is None:
+        if w.switching or w.monitor is None:
             return False
         path = self.engine.endpoint.path(w.path_id)
         if path is None:
@@ -277,7 +327,7 @@ class FailoverManager:
             return True
         if verdict is Verdict.DEAD:
             w.dead_since = now
-            w.detection_s = now - mon.heard
+            w.detection_s = now - (mon.quiet_since() or mon.heard)
             self._count("dead")
             log.warning(
                 "%s: gateway %s at %s silent for %.3f s after %d probes: dead",
@@ -352,14 +402,17 @@ class FailoverManager:
 
     def _start_gateway_switch(self, w: _Watch, reason: str, now: float) -> None:
         w.plan.failed(w.plan.current, now)
-        self._start(w, self._switch(w, reason, now))
+        self._start(w, self._switch(w, reason, now), "switch")
 
-    def _start(self, w: _Watch, coro: Coroutine[Any, Any, None]) -> None:
+    def _start(self, w: _Watch, coro: Coroutine[Any, Any, None], kind: str) -> None:
+        if w.task is not None and not w.task.done():
+            w.task.cancel()  # a fail-back still under way: the dead path comes first
+        w.task_kind = kind
         w.task = asyncio.get_running_loop().create_task(coro)
         w.task.add_done_callback(lambda t: self._done(w, t))
 
     def _done(self, w: _Watch, task: asyncio.Task[None]) -> None:
-        self._wake.set()
+        self.wake()
         if task.cancelled() or task.exception() is None:
             return
         # A bug, not the network: say so, and back off as after a failed attempt.
@@ -424,6 +477,10 @@ class FailoverManager:
             if rd is not None and self.engine.endpoint.path(rd.path_id) is not None:
                 self.engine.remove_path(rd.path_id)
             return None
+        except asyncio.CancelledError:  # a fail-back given up for a switch: leave no path
+            if rd is not None and self.engine.endpoint.path(rd.path_id) is not None:
+                self.engine.remove_path(rd.path_id)
+            raise
         self.record_switch_time(self.clock() - t0)
         return rd
 
@@ -456,9 +513,21 @@ class FailoverManager:
         gateway = w.plan.failback_due(now)
         if gateway is None:
             return
-        self._start(w, self._failback(w, gateway))
+        self._start(w, self._failback(w, gateway), "failback")
 
     # --- helpers -------------------------------------------------------------------------
+
+    def _on_data_sent(self, paths: list[TunnelPath], now: float) -> None:
+        """The engine sealed data on `paths` (probe_idle=False): a quiet watched path is
+        watched from this packet on, so the loop must look at it P from now."""
+        for path in paths:
+            w = self._by_path.get(path.path_id)
+            if w is None or w.monitor is None:
+                continue
+            if w.monitor.data_sent(now, path.last_received):
+                t = w.monitor.get_timer(self.timers_for(w))
+                if t is not None:
+                    self._wake_by(t)
 
     def _on_probe(self, path_id: bytes, result: ProbeResult) -> None:
         for w in self._watches.values():
@@ -492,6 +561,14 @@ class FailoverManager:
             )
         )
 
+    def brief(self) -> dict[str, Any]:
+        """The gateway each watched service goes through and the probes sent on the paths
+        in use (a swarm shows this per identity; the full status is too much times N)."""
+        return {
+            "gateways": {s: w.plan.current for s, w in self._watches.items()},
+            "probes_sent": sum(w.monitor.probes_sent for w in self._watches.values() if w.monitor),
+        }
+
     def status(self) -> dict[str, Any]:
         now = self.clock()
         timers = self.timers
@@ -507,7 +584,8 @@ class FailoverManager:
                 "probe_interval_s": round(t.probe_interval, 4),
                 "uplink_reserve_s": round(t.reserve, 4),
                 "problem": t.problem,
-                "switching": w.busy,
+                "switching": w.switching,
+                "failing_back": w.busy and not w.switching,
                 "trying_other_addresses": w.uplink_from is not None,
             }
         return {
@@ -515,10 +593,35 @@ class FailoverManager:
             "switch_time_samples_s": [round(s, 4) for s in self.switch_time.samples],
             "error": timers.problem,
             "paused": bool(self._paused_until),
+            "probe_idle_paths": self.probe_idle,
             "services": services,
             "events": [e.to_dict() for e in self.events],
             "counters": dict(self.counters),
         }
+
+
+def probe_other_families(endpoint: TunnelEndpoint, addresses: AddressSet, now: float) -> int:
+    """After the node's own move to a network of another family (IPv4 to an IPv6-only
+    one): probe the peer of each established path whose address is of a family we lost at
+    its addresses of a family we have. The peer's authenticated answer moves the path (same
+    path, keys and LB claim) within a round trip, long before the DC has re-registered us
+    and the paths are rebuilt (a swarm re-registers hundreds of identities, a TLS handshake
+    each). Finds something only where the Route Direction listed such addresses. Returns
+    the probes queued (the caller flushes)."""
+    have = {4: bool(addresses.ipv4), 6: bool(addresses.ipv6)}
+    sent = 0
+    for path in endpoint.paths:
+        peer = path.peer_address
+        if path.state is not PathState.ESTABLISHED or peer is None or have[_family(peer)]:
+            continue
+        for ep in path.config.peer_endpoints:
+            if have[_family(ep)] and path.try_peer_address(ep, now) is not None:
+                sent += 1
+    return sent
+
+
+def _family(ep: Endpoint) -> int:
+    return 6 if ":" in ep[0] else 4
 
 
 def _ep(addr: Endpoint | None) -> str:

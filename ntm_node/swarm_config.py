@@ -148,7 +148,16 @@ def load(
         ),
         nat_timeout=nat_timeout,
         keepalive_interval=keepalive_for(nat_timeout),
+        # Gateway failover as in [node] (docs/failover.md), but by default hundreds of
+        # quiet paths are not probed: only a path with unanswered outbound data is.
+        allowed_outage=sw.number("allowed_outage", 1.0, lo=0.01),
+        switch_time_estimate=sw.number("switch_time_estimate", 0.3, lo=0.0),
+        dead_after_losses=sw.integer("dead_after_losses", 8, 1, 64),
+        failback_hold_down=sw.number("failback_hold_down", 60.0, lo=0.0),
+        probe_idle_paths=sw.flag("probe_idle_paths", False),
     )
+    if problem := node.liveness_timers().problem:
+        raise ConfigError(f"[swarm] {problem}; raise allowed_outage or lower switch_time_estimate")
     cfg = SwarmConfig(
         name=name,
         fqdn_template=template,

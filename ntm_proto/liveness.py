@@ -19,8 +19,10 @@ probe goes out, then one every P while the quiet lasts: probe n leaves at n*P of
 so the K-th leaves at K*P and still has a whole interval to be answered before F =
 (K+1)*P. The gateway is dead when the silence has lasted F AND K probes went out into it
 unanswered (any answer is inbound traffic, so it ends the silence) AND the last of them
-has had P to come back. A late or stalled event loop therefore never kills a path by
-sending its probes in a burst.
+has had P/2 to come back. Probes stay at least P/2 apart, so a stalled event loop never
+kills a path by sending its probes in a burst; and the schedule counts from the last life
+heard, not from the previous probe, so a loop that wakes a few ms late each time delays
+the verdict by one such delay, not by K + 1 of them.
 
 False failovers. With loss p on each way a probe round trip fails with q = 1 - (1 - p)^2
 (p = 5 %: q = 0.0975). On an otherwise idle path (the worst case: data traffic is more
@@ -36,6 +38,17 @@ so the default is K = 8: essentially zero, for 13 probes a second on a quiet pat
 2 kB/s with both directions; fewer once C is measured and F grows) and P still above usual
 round trips (an answer slower than P still counts, it only comes too late to save the K-th
 probe).
+
+Paths in use only (`watch_idle=False`, `[node] probe_idle_paths = false`, what a swarm of
+hundreds of identities uses). A path that carries nothing in either direction cannot lose
+anything a user would notice, so it is not probed at all. The owner reports outbound data
+(`data_sent`); the silence that counts then starts at the first outbound data packet after
+the last life heard, instead of at that life, and everything above runs from there: probe n
+at n*P after that packet, dead at F after it, so traffic is interrupted for at most A from
+its first lost packet. Any inbound packet answers it (back to not watched). A path that
+only sends keeps probing at the same pace as an idle one in the default mode, so the table
+above is an upper bound; a path that only receives is not watched (its first packet of
+ours starts the watch).
 
 Fail-back. After a failover the gateway we left is held down for `failback_hold_down`
 seconds; only then does the node ask the DC for a path through it again, and only when the
@@ -56,7 +69,13 @@ from .messages import Endpoint
 MIN_DETECTION = 0.15  # s: F below this is noise, not detection (three 50 ms intervals)
 MIN_PROBE_INTERVAL = 0.01  # s: probes closer than this measure the event loop
 LOSS_WINDOW = 100  # probes the loss figure is computed over
-SWITCH_SAMPLES = 9  # measured switch times the estimate of C is the median of
+SWITCH_SAMPLES = 9  # measured switch times the estimate of C comes from
+SPREADS = 3  # C = median + SPREADS median absolute deviations: ~97th percentile if normal
+# Added to a measured C, for what the builds it is measured on do not show: the event loop
+# notices a verdict a little late (1.5-3 ms), and a failover builds its path amid the burst
+# of work the failure causes (up to 14 ms slower than those builds). Both measured on the
+# lab host at load 8-10; this is about twice their sum, and costs F 2.5 % of A = 1 s.
+LOOP_ALLOWANCE = 0.025
 
 
 # --- timers --------------------------------------------------------------------------------
@@ -150,9 +169,12 @@ def false_failover_probability(loss_each_way: float, dead_after_losses: int, pro
 
 
 class SwitchTimeEstimate:
-    """C from the node's own measurements: the (low) median of the last few path builds
-    (direction round trip + handshake), so one slow build (a lost handshake packet, a
-    build during an outage) does not move it."""
+    """C from the node's own measurements of the last few path builds (direction round
+    trip + handshake): their (low) median plus 3 (high) median absolute deviations, or the
+    median alone while there are fewer than 3, plus LOOP_ALLOWANCE. F = A - C must hold
+    for most switches, not for the typical one (with the bare median, every other switch
+    overran A in the lab); both figures are robust, so one slow build (a lost handshake
+    packet, a build during an outage) does not move C."""
 
     def __init__(self, estimate: float) -> None:
         self.estimate = estimate
@@ -168,7 +190,13 @@ class SwitchTimeEstimate:
 
     @property
     def value(self) -> float:
-        return statistics.median_low(self._samples) if self._samples else self.estimate
+        if not self._samples:
+            return self.estimate
+        median = statistics.median_low(self._samples)
+        spread = 0.0  # with fewer than 3, a spread cannot be told from one slow build
+        if len(self._samples) >= 3:
+            spread = statistics.median_high(abs(s - median) for s in self._samples)
+        return median + SPREADS * spread + LOOP_ALLOWANCE
 
     @property
     def samples(self) -> tuple[float, ...]:
@@ -191,9 +219,13 @@ class Verdict(enum.Enum):
 
 
 class PathMonitor:
-    """Liveness of one path: probe when quiet, declare it dead (see the module docstring)."""
+    """Liveness of one path: probe when quiet, declare it dead (see the module docstring).
 
-    def __init__(self, now: float) -> None:
+    With `watch_idle` False only a path in use is watched: from the first outbound data
+    packet (`data_sent`) that no inbound packet has followed yet."""
+
+    def __init__(self, now: float, watch_idle: bool = True) -> None:
+        self.watch_idle = watch_idle
         self.state = Liveness.ALIVE
         self.started = now
         self.heard = now  # the latest life we know of
@@ -205,6 +237,7 @@ class PathMonitor:
         self.probes_answered = 0
         self._quiet_probes = 0  # probes sent into the current silence
         self._last_probe = float("-inf")
+        self._sent_since: float | None = None  # first outbound data after `heard`
         self._outcomes: deque[list[float]] = deque(maxlen=LOSS_WINDOW)  # [sent_at, answered]
         self._outstanding: dict[int, list[float]] = {}
 
@@ -223,33 +256,53 @@ class PathMonitor:
             if self.state is not Liveness.DEAD:
                 self.state = Liveness.ALIVE
 
-    def _next_probe_at(self, timers: LivenessTimers) -> float:
-        p = timers.probe_interval
-        return max(self.heard + (self._quiet_probes + 1) * p, self._last_probe + p)
+    def data_sent(self, now: float, last_received: float) -> bool:
+        """The path carried outbound data at `now`. True when that starts a silence to
+        watch (the owner reads get_timer() again); never with watch_idle."""
+        self._note_life(last_received)
+        if self._sent_since is not None and self._sent_since >= self.heard:
+            return False  # an earlier packet is still unanswered: the silence runs from it
+        self._sent_since = now
+        return not self.watch_idle
 
-    def _dead_at(self, timers: LivenessTimers) -> float:
-        return max(self.heard + timers.detection, self._last_probe + timers.probe_interval)
+    def quiet_since(self) -> float | None:
+        """Where the silence that counts started: the last life heard, or without
+        watch_idle the first outbound data after it (None: not in use, nothing to watch)."""
+        if self.watch_idle:
+            return self.heard
+        sent = self._sent_since
+        return sent if sent is not None and sent >= self.heard else None
+
+    def _next_probe_at(self, start: float, timers: LivenessTimers) -> float:
+        p = timers.probe_interval
+        return max(start + (self._quiet_probes + 1) * p, self._last_probe + p / 2)
+
+    def _dead_at(self, start: float, timers: LivenessTimers) -> float:
+        return max(start + timers.detection, self._last_probe + timers.probe_interval / 2)
 
     def poll(self, now: float, last_received: float, timers: LivenessTimers) -> Verdict:
         """What to do now; call at `get_timer()` (or any time) with the path's last_received."""
         if self.state is Liveness.DEAD:
             return Verdict.WAIT
         self._note_life(last_received)
+        start = self.quiet_since()
+        if start is None:
+            return Verdict.WAIT
         k = timers.dead_after_losses
-        if self._quiet_probes >= k and now >= self._dead_at(timers):
+        if self._quiet_probes >= k and now >= self._dead_at(start, timers):
             self.state = Liveness.DEAD
             self.declared_dead_at = now
             return Verdict.DEAD
-        if self._quiet_probes < k and now >= self._next_probe_at(timers):
+        if self._quiet_probes < k and now >= self._next_probe_at(start, timers):
             return Verdict.PROBE
         return Verdict.WAIT
 
     def get_timer(self, timers: LivenessTimers) -> float | None:
-        if self.state is Liveness.DEAD:
+        if self.state is Liveness.DEAD or (start := self.quiet_since()) is None:
             return None
         if self._quiet_probes >= timers.dead_after_losses:
-            return self._dead_at(timers)
-        return self._next_probe_at(timers)
+            return self._dead_at(start, timers)
+        return self._next_probe_at(start, timers)
 
     def probe_sent(self, seq: int | None, now: float) -> None:
         """The owner sent the probe poll() asked for (seq None: the path could not send)."""
@@ -288,6 +341,7 @@ class PathMonitor:
         loss = self.loss(now, timers)
         return {
             "state": self.state.value,
+            "in_use": self.quiet_since() is not None if not self.watch_idle else None,
             "rtt_ms": None if self.srtt is None else round(self.srtt * 1000, 2),
             "jitter_ms": round(self.jitter * 1000, 2),
             "loss": None if loss is None else round(loss, 4),
@@ -379,6 +433,7 @@ class GatewayPlan:
 
 
 __all__ = [
+    "LOOP_ALLOWANCE",
     "MIN_DETECTION",
     "MIN_PROBE_INTERVAL",
     "GatewayPlan",

@@ -689,11 +689,15 @@ class TunnelPath:
             self._send_confirmation(now)
         if s is not None and now >= self._last_sent + cfg.keepalive_interval:
             self._send_control(_KEEPALIVE, now)
-        if s is not None and not self._idle_reported:
-            silent = now - self._last_received
-            if silent >= cfg.idle_timeout:
-                self._idle_reported = True
-                self._events.append(PathIdle(self.path_id, silent))
+        # Compared the way get_timer computes it: `now - last >= timeout` can be False at
+        # now == last + timeout (rounding), and the timer would fire again at once, forever.
+        if (
+            s is not None
+            and not self._idle_reported
+            and now >= self._last_received + cfg.idle_timeout
+        ):
+            self._idle_reported = True
+            self._events.append(PathIdle(self.path_id, now - self._last_received))
 
     # --- internals ---
 

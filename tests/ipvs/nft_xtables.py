@@ -5,10 +5,11 @@ Debian's UML kernel (6.1um) is built without the nf_tables ip, ip6 and inet fami
 fails with EOPNOTSUPP there. It does have the legacy xtables NAT (iptable_nat, xt_nat,
 xt_conntrack, xt_comment). The UML lane puts this program first on the NTMA's PATH as `nft`:
 it translates the one ruleset shape adaptor/forwarding.py writes (DNAT in a prerouting nat
-chain, a forward filter chain) into iptables-legacy rules with the same matches, verdicts
-and comments, and answers `nft -j list table ip T` with their packet counters. Anything it
-does not recognise is an error (exit 1), never silently ignored: if the adaptor's ruleset
-grows, this lane fails loudly until the translation follows.
+chain, SNAT of adopted flows in a postrouting nat chain, a forward filter chain) into
+iptables-legacy rules with the same matches, verdicts and comments, and answers
+`nft -j list table ip T` with their packet counters. Anything it does not recognise is an
+error (exit 1), never silently ignored: if the adaptor's ruleset grows, this lane fails
+loudly until the translation follows.
 
 Only the tests use it; the NTMA itself is unchanged. Stdlib only, so the lane runs it with
 `python -S` (no site module), whose start-up costs least inside UML.
@@ -28,6 +29,7 @@ from dataclasses import dataclass, field
 HOOKS = {
     ("prerouting", "nat"): ("nat", "PREROUTING", "pre"),
     ("forward", "filter"): ("filter", "FORWARD", "fwd"),
+    ("postrouting", "nat"): ("nat", "POSTROUTING", "post"),
 }
 VERDICTS = {"accept": "ACCEPT", "drop": "DROP"}
 
@@ -77,22 +79,23 @@ def translate_rule(tokens: Sequence[str]) -> list[str]:
     comment: list[str] = []
     while i < len(tokens):
         word = take(1)[0]
-        if word == "iifname":
+        if word in ("iifname", "oifname"):
+            flag = "-i" if word == "iifname" else "-o"
             value = take(1)[0]
             if value == "!=":
-                out += ["!", "-i", take(1)[0]]
+                out += ["!", flag, take(1)[0]]
             else:
-                out += ["-i", value]
+                out += [flag, value]
         elif word == "ip":
             key, value = take(2)
-            if key != "daddr":
+            if key not in ("daddr", "saddr"):
                 raise TranslateError(f"ip {key} is not translated")
-            out += ["-d", value]
+            out += ["-d" if key == "daddr" else "-s", value]
         elif word in ("tcp", "udp"):
             key, value = take(2)
-            if key != "dport":
+            if key not in ("dport", "sport"):
                 raise TranslateError(f"{word} {key} is not translated")
-            out += ["-p", word, "--dport", value]
+            out += ["-p", word, f"--{key}", value]
         elif word == "ct":
             key, value = take(2)
             if key == "state":
@@ -109,6 +112,11 @@ def translate_rule(tokens: Sequence[str]) -> list[str]:
             if to != "to":
                 raise TranslateError(f"dnat {to} is not translated")
             verdict = ["-j", "DNAT", "--to-destination", target]
+        elif word == "snat":
+            to, target = take(2)
+            if to != "to":
+                raise TranslateError(f"snat {to} is not translated")
+            verdict = ["-j", "SNAT", "--to-source", target]
         elif word in VERDICTS:
             verdict = ["-j", VERDICTS[word]]
         elif word == "comment":

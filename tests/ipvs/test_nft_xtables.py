@@ -34,7 +34,7 @@ def test_the_adaptors_ruleset_translates_rule_for_rule(adaptor_cfg: AdaptorConfi
     script = nx.parse(ruleset(adaptor_cfg, VIP))
     table = adaptor_cfg.nft_table
     assert script.deletes == [table]
-    pre, fwd = script.chains
+    pre, post, fwd = script.chains
     assert (pre.table, pre.builtin, pre.name, pre.policy) == (
         "nat",
         "PREROUTING",
@@ -49,10 +49,17 @@ def test_the_adaptors_ruleset_translates_rule_for_rule(adaptor_cfg: AdaptorConfi
         adaptor_cfg.public_forward
     )
     assert all(r[:3] == ["!", "-i", tun] for r in pre.rules[len(adaptor_cfg.forward) :])
+    # adopted flows (after a failover): the LB's packets toward a tunnel get the vIP back
+    assert (post.table, post.builtin, post.name) == ("nat", "POSTROUTING", f"{table}_post")
+    assert post.rules[0] == ["-o", tun, "-s", lb, "-p", "tcp", "--sport", "80", "-m", "comment",
+                             "--comment", "adopted tcp/80", "-j", "SNAT", "--to-source",
+                             f"{VIP}:80"]  # fmt: skip
+    assert len(post.rules) == len(adaptor_cfg.forward)
     assert (fwd.table, fwd.builtin, fwd.policy) == ("filter", "FORWARD", "DROP")
     assert fwd.rules[0] == ["-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT"]
     assert fwd.rules[1][:6] == ["-m", "conntrack", "--ctstate", "DNAT", "-d", lb]
-    assert [r[-1] for r in fwd.rules] == ["ACCEPT", "ACCEPT", "DROP", "DROP"]
+    adopted = ["ACCEPT"] * len(adaptor_cfg.forward)
+    assert [r[-1] for r in fwd.rules] == ["ACCEPT", "ACCEPT", *adopted, "DROP", "DROP"]
 
 
 def test_restore_input_replaces_what_is_there_without_doubling_jumps(
@@ -86,7 +93,7 @@ def test_restore_input_replaces_what_is_there_without_doubling_jumps(
         "table inet x {\n chain y {\n type nat hook postrouting priority srcnat; policy accept;\n"
         " masquerade\n }\n}\n",
         "table ip x {\n chain y {\n type nat hook prerouting priority dstnat; policy accept;\n"
-        " ip saddr 10.0.0.1 drop\n }\n}\n",
+        " ip protocol icmp drop\n }\n}\n",
         "table ip x {\n chain y {\n type nat hook output priority -100; policy accept;\n"
         " udp dport 53 redirect to :5353\n }\n}\n",
         "table ip x {\n chain y {\n",

@@ -208,10 +208,24 @@ def test_ruleset_dnats_tunnel_and_public_traffic_and_never_snats(tmp_path: Path)
     assert 'iifname "ntm0" ip daddr 100.64.1.2 tcp dport 80 counter dnat to 10.30.0.100:80' in rules
     assert "ip daddr 100.64.1.2 udp dport 9000 counter dnat to 10.30.0.100:9000" in rules
     assert 'iifname != "ntm0" ip daddr 198.51.100.60 tcp dport 80 counter dnat to' in rules
-    assert "snat" not in rules and "masquerade" not in rules
+    # The only source rewrite is toward the tunnels (the inverse of our own DNAT, for flows
+    # adopted from another gateway): what reaches the LB keeps the client's address.
+    snats = [line.strip() for line in rules.splitlines() if "snat" in line]
+    assert snats == [
+        'oifname "ntm0" ip saddr 10.30.0.100 tcp sport 80 counter snat to 100.64.1.2:80 '
+        'comment "adopted tcp/80"',
+        'oifname "ntm0" ip saddr 10.30.0.100 udp sport 9000 counter snat to 100.64.1.2:9000 '
+        'comment "adopted udp/9000"',
+    ]
+    assert "masquerade" not in rules
     # only DNATed flows (and their replies) are forwarded
     assert "type filter hook forward priority filter; policy drop;" in rules
     assert "ct state established,related accept" in rules
+    # ... and what the service sends toward a tunnel first, after a failover
+    assert (
+        'iifname "dmz" oifname "ntm0" ip saddr 10.30.0.100 tcp sport 80 ct state new accept'
+        in rules
+    )
 
 
 # --- claims --------------------------------------------------------------------------------

@@ -177,6 +177,15 @@ def test_ntma2_has_split_access_and_a_weighted_multipath_default(project: Projec
     assert ((), ("default", "via", "203.0.113.1", "table", "102")) in routes
     assert (("-6",), ("default", "via", "2001:db8:201::1", "table", "101")) in routes
     assert (("-6",), ("default", "via", "2001:db8:202::1", "table", "102")) in routes
+    # a pulled cable leaves its table unreachable: no reply leaks out by the other uplink;
+    # the fallback sits behind the real default of its family (IPv6 routes default to 1024)
+    for opts in ((), ("-6",)):
+        for table in ("101", "102"):
+            [metric] = [
+                int(r[3]) for o, r in routes if o == opts and r[:3] == ("unreachable", "default",
+                "metric") and r[4:] == ("table", table)
+            ]  # fmt: skip
+            assert metric > 1024, (opts, table, metric)
     assert parse_routes(env["NTM_LAB_RULES"], "NTM_LAB_RULES") == [
         ((), ("from", "192.0.2.10", "lookup", "101")),
         (("-6",), ("from", "2001:db8:201::10", "lookup", "101")),

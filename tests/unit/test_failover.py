@@ -12,6 +12,7 @@ import heapq
 import itertools
 import os
 import random
+import re
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
@@ -445,6 +446,73 @@ def test_failback_waits_until_the_dc_offers_the_gateway() -> None:
     arun(scenario())
 
 
+def test_a_failback_attempt_does_not_blind_the_watch_on_the_current_path() -> None:
+    """ntma1's cable is pulled but the DC still counts it connected, so each fail-back
+    attempt waits SWITCH_TIMEOUT for a handshake that never comes; an uplink of ntma2 dying
+    meanwhile is still detected within A."""
+
+    async def scenario() -> None:
+        timers = dataclasses.replace(TIMERS, failback_hold_down=10.0)
+        w = World()
+        m = w.manager(timers)
+        await w.connect(m)
+        await w.run(m, 2.0)
+        w.down.update(GW1_ADDRS)
+        await w.run(m, 5.0)
+        assert m.gateway_for(SERVICE) == GW2
+        path = w.engine.path_to(SERVICE_VIP)
+        assert path is not None and path.peer_address == GW2_ADDRS[0]
+        asked = len(w.directions)
+        while len(w.directions) == asked:  # until the hold-down is over
+            await w.run(m, w.now + 0.05)
+        assert w.directions[-1] == (SERVICE, GW1)
+        svc = m.status()["services"][SERVICE]
+        assert svc["failing_back"] and not svc["switching"]
+        cut = w.now
+        w.down.add(GW2_ADDRS[0])
+        await w.run(m, cut + 5.0)
+        uplink = [e for e in m.events if e.kind == "uplink"]
+        assert len(uplink) == 1 and path.peer_address == GW2_ADDRS[1]
+        assert uplink[0].detection_s is not None
+        assert uplink[0].detection_s + uplink[0].switch_s <= m.timers.allowed_outage + 1e-9
+        assert m.gateway_for(SERVICE) == GW2
+
+    arun(scenario())
+
+
+def test_a_dead_path_cancels_a_failback_attempt_and_fails_over() -> None:
+    async def scenario() -> None:
+        timers = dataclasses.replace(TIMERS, failback_hold_down=10.0)
+        w = World()
+        w.gws[GW2].addrs = GW2_ADDRS[:1]  # one uplink: a dead path means another gateway
+        m = w.manager(timers)
+        await w.connect(m)
+        await w.run(m, 2.0)
+        w.down.update(GW1_ADDRS)
+        await w.run(m, 5.0)
+        asked = len(w.directions)
+        while len(w.directions) == asked:
+            await w.run(m, w.now + 0.05)
+        attempt = next(p.path_id for p in w.mn.ep.paths if p.state is not PathState.ESTABLISHED)
+        cut = w.now
+        w.down.update(GW2_ADDRS[:1])  # ntma2 dies while the fail-back attempt waits
+        await w.run(m, cut + 1.5)  # declared dead: the attempt is dropped for a switch
+        assert w.mn.ep.path(attempt) is None
+        w.down.difference_update(GW1_ADDRS)  # ntma1 is back
+        await w.run(m, cut + 8.0)
+        assert m.gateway_for(SERVICE) == GW1
+        assert [(e.kind, e.to_gateway, e.ok) for e in m.events] == [
+            ("gateway", GW2, True),
+            ("gateway", GW1, True),
+        ]
+        route = w.engine.path_to(SERVICE_VIP)
+        assert route is not None and route.state is PathState.ESTABLISHED
+        assert len(w.mn.ep.paths) == 1  # nothing left behind
+        assert m.counters.get("task_errors", 0) == 0
+
+    arun(scenario())
+
+
 def test_no_gateway_reachable_keeps_the_path_and_retries() -> None:
     async def scenario() -> None:
         w = World()
@@ -495,7 +563,7 @@ def test_measured_switch_time_too_large_is_an_error_in_status_not_a_crash() -> N
         for _ in range(9):
             m.record_switch_time(1.45)
         st = m.status()
-        assert st["error"] is not None and "measured switch time C = 1.450 s" in st["error"]
+        assert st["error"] is not None and "measured switch time C = 1.475 s" in st["error"]
         assert st["timers"]["detection_s"] == 0.15  # the floor, still watching
         cut = w.now
         w.down.update(GW1_ADDRS)
@@ -508,6 +576,7 @@ def test_measured_switch_time_too_large_is_an_error_in_status_not_a_crash() -> N
 # --- configuration -------------------------------------------------------------------------
 
 LAB = Path(__file__).resolve().parents[2] / "lab" / "config"
+FAILOVER_KEYS = r"^(allowed_outage|switch_time_estimate|dead_after_losses|failback_hold_down) =.*\n"
 
 
 @pytest.fixture
@@ -520,7 +589,9 @@ def state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def mn1_with(state: Path, extra: str) -> Path:
-    text = (LAB / "mn1.toml").read_text().replace("[node]\n", "[node]\n" + extra + "\n", 1)
+    """lab/config/mn1.toml without the lab's own failover settings, plus `extra`."""
+    text = re.sub(FAILOVER_KEYS, "", (LAB / "mn1.toml").read_text(), flags=re.MULTILINE)
+    text = text.replace("[node]\n", "[node]\n" + extra + "\n", 1)
     out = state / "mn1.toml"
     out.write_text(text)
     return out

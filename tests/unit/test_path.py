@@ -561,6 +561,27 @@ def test_path_idle_when_peer_silent() -> None:
     assert isinstance(idle[0], PathIdle) and idle[0].silent_for >= pi.config.idle_timeout
 
 
+def test_idle_timer_at_its_exact_time_fires_once_not_forever() -> None:
+    """get_timer says last_received + idle_timeout; handle_timer at exactly that time must
+    report idle even where `now - last_received` rounds below idle_timeout (an event loop
+    with an exact clock spun on it for ever)."""
+    sim, _a, b, pi, _pr = established()
+    sim.nodes.remove(b)
+    t = pi.config.idle_timeout
+    last = next(x / 9 for x in range(1000) if (x / 9 + t) - x / 9 < t)  # rounding bites
+    pi._last_received = last  # white box, on purpose: such a time is hard to arrive at
+    pi._last_sent = last + t  # no keepalive due meanwhile
+    when = pi.get_timer()
+    assert when == last + t
+    pi.handle_timer(when, sim.wall)
+    events = []
+    while (event := pi.next_event()) is not None:
+        events.append(event)
+    assert any(isinstance(e, PathIdle) for e in events), events
+    nxt = pi.get_timer()
+    assert nxt is not None and nxt > when
+
+
 # --- rekey ---------------------------------------------------------------------------------
 
 

@@ -6,25 +6,30 @@ tests/integration/test_swarm.py runs real ones."""
 from __future__ import annotations
 
 import asyncio
+import errno
+import gc
 import json
 import logging
-from collections.abc import Coroutine
+import socket
+from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, TypeVar
 
 import pytest
 from dnslib import CNAME, QTYPE, RR, A
+from pyroute2.netlink.exceptions import NetlinkError
 
 from ntm_io import netwatch
 from ntm_io.netwatch import AddressSet
 from ntm_node import daemon as daemon_module
 from ntm_node import swarm_client
 from ntm_node import swarm_config as swarm_config_module
-from ntm_node.swarm import Swarm, SwarmMember
+from ntm_node.swarm import Swarm, SwarmMember, freeze_heap
 from ntm_node.swarm_client import SwarmClientError, load_identities, resolve
 from ntm_node.swarm_config import SwarmConfig, SwarmDns
 from ntm_node.swarm_dns import SwarmResolver
+from ntm_node.swarm_netwatch import SwarmAddressWatcher, links_to_look_up
 from ntm_node.swarm_routing import PolicyRouting
 from ntm_proto.marker import MarkerRule
 from tests.unit.test_dns_server import FakeServer, reply_to
@@ -293,6 +298,8 @@ def test_identities_start_a_bounded_number_at_a_time(
     assert st["totals"]["counters"]["dc"] == {"registrations": 12}
     assert st["totals"]["counters"]["tunnel"] == {"rx": sum(range(5, 17))}
     assert st["memory"]["rss_kb"] > 0 and st["startup"]["all_done_s"] is not None
+    # One set of DC connection slots for all: a move reconnects them a few at a time.
+    assert all(m.dc.connect_slots is swarm.connect_slots for m in swarm.members.values())
     json.dumps(st)  # the status socket sends it as JSON
 
     # A move reaches every identity.
@@ -356,3 +363,97 @@ def test_a_member_is_a_node_daemon_with_the_swarms_addresses(tmp_path: Path) -> 
     assert Path(member.config.key_file).is_file()  # its own static key
     # No identity offers another identity's vIP (on its TUN) to the DC as an endpoint.
     assert member.ignored_interfaces() == ("ntms0", "ntms3")
+    # Quiet paths are not probed ([swarm] probe_idle_paths = false): the engine reports
+    # the data it seals to failover instead.
+    assert member.failover.probe_idle is False
+    assert member.engine.send_listeners == [member.failover._on_data_sent]
+    # Its line in the swarm's status is read from the parts, not from a full node status.
+    member.status = None  # type: ignore[assignment]
+    assert member.summary() == {
+        "index": 3,
+        "fqdn": "s3.swarm.ntm.example.com",
+        "vip": None,
+        "tun": "ntms3",
+        "tunnel_port": 7403,
+        "registered": False,
+        "paths": 0,
+        "established": 0,
+        "dc_error": None,
+        "failover": {"gateways": {}, "probes_sent": 0},
+    }
+
+
+# --- the swarm's address watcher ----------------------------------------------------------
+
+
+class FakeIpr:
+    """AsyncIPRoute's dumps and gets over fixed messages; records the links asked for."""
+
+    def __init__(self, addrs: list[dict[str, Any]], links: dict[int, dict[str, Any]]) -> None:
+        self.addrs = addrs
+        self.links = links
+        self.routes = [
+            {"dst_len": 0, "type": 1, "family": socket.AF_INET, "table": 254, "flags": 0,
+             "RTA_OIF": 2},
+        ]  # fmt: skip
+        self.asked: list[int] = []
+
+    async def addr(self, what: str) -> AsyncIterator[dict[str, Any]]:
+        assert what == "dump"
+        return _aiter(self.addrs)
+
+    async def link(self, what: str, *, index: int) -> list[dict[str, Any]]:
+        assert what == "get"
+        self.asked.append(index)
+        if index not in self.links:
+            raise NetlinkError(errno.ENODEV)
+        return [self.links[index]]
+
+    async def route(self, what: str) -> AsyncIterator[dict[str, Any]]:
+        return _aiter(self.routes)
+
+
+async def _aiter(items: list[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
+    for item in items:
+        yield item
+
+
+def addr(index: int, local: str, label: str | None, scope: int = 0) -> dict[str, Any]:
+    msg: dict[str, Any] = {"index": index, "scope": scope, "flags": 0, "IFA_ADDRESS": local}
+    if label is not None:  # the kernel labels IPv4 addresses with their interface
+        msg["IFA_LABEL"] = label
+    return msg
+
+
+def test_the_swarm_watcher_never_looks_up_a_swarm_tun() -> None:
+    tuns = [f"ntms{k}" for k in range(50)]
+    up = netwatch.IFF_UP | netwatch.IFF_RUNNING
+    ipr = FakeIpr(
+        [
+            addr(1, "127.0.0.1", "lo", scope=254),
+            addr(2, "10.10.1.101", "access-a"),
+            addr(2, "2001:db8:b::101", None),
+            *(addr(10 + k, f"100.64.0.{k + 1}", tun) for k, tun in enumerate(tuns)),
+            addr(99, "192.0.2.99", "gone0"),  # its link vanished since the address dump
+        ],
+        {
+            1: {"index": 1, "flags": up | netwatch.IFF_LOOPBACK, "IFLA_IFNAME": "lo"},
+            2: {"index": 2, "flags": up, "IFLA_IFNAME": "access-a"},
+        },
+    )
+    watcher = SwarmAddressWatcher(lambda a: None, ignore_ifaces=tuns)
+    watcher._ipr = ipr
+    found = run(watcher._dump())
+    assert found == AddressSet(
+        ipv4=("10.10.1.101",), ipv6=("2001:db8:b::101",), has_default_route_v4=True
+    )
+    assert ipr.asked == [1, 2, 99]  # no TUN among them
+    assert links_to_look_up(ipr.addrs, frozenset(tuns)) == [1, 2, 99]
+
+
+def test_freeze_heap_keeps_the_start_up_heap_out_of_collections() -> None:
+    try:
+        freeze_heap()
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()

@@ -89,6 +89,8 @@ def test_command_line_overrides(tmp_path: Path, pki: Path) -> None:
         ("first = 60", "", "4 of 8 identities are not named"),
         ("colour = 1", "", "unknown key"),
         ("", 'listen = "127.0.0.53:x"', "bad port"),
+        ("allowed_outage = 0.3", "", r"\[swarm\] allowed_outage A = 0.3 s leaves detection"),
+        ("probe_idle_paths = 2", "", "probe_idle_paths"),
     ],
 )
 def test_mistakes_are_config_errors(
@@ -102,6 +104,16 @@ def test_mistakes_are_config_errors(
     (tmp_path / "swarm.toml").write_text(text)
     with pytest.raises(ConfigError, match=message):
         swarm_config.load(tmp_path / "swarm.toml")
+
+
+def test_failover_settings_and_no_idle_probing_by_default(tmp_path: Path, pki: Path) -> None:
+    node = swarm_config.load(write_config(tmp_path, pki)).node
+    assert node.probe_idle_paths is False  # hundreds of quiet paths: probe only those in use
+    assert (node.allowed_outage, node.failback_hold_down, node.dead_after_losses) == (1.0, 60, 8)
+    text = "allowed_outage = 1.5\nfailback_hold_down = 10\nprobe_idle_paths = true"
+    node = swarm_config.load(write_config(tmp_path, pki, text)).node
+    assert node.probe_idle_paths is True
+    assert node.liveness_timers().allowed_outage == 1.5 and node.failback_hold_down == 10
 
 
 def test_missing_certificate_is_a_config_error(tmp_path: Path, pki: Path) -> None:
