@@ -29,13 +29,14 @@ from ntm_io.config import ConfigError
 
 from . import lb, openvpn, procstat, profile, report, tunnel
 from .dc_capacity import run_dc
+from .failover import BACKUP, run_failover
 from .iperf import IperfError, parse_iperf3
 from .labctl import CN, CN_ADDRESS, DIRECT_ADDRESS, DIRECT_NODE, BenchLab, LabFailure
 from .nsproc import Processes, in_ns
 from .relay_tput import run_relay
-from .setup_time import KINDS, probe_argv, run_setup
+from .setup_time import FRESH_MODES, KINDS, probe_argv, run_setup
 
-SECTIONS = ("tunnel", "latency", "relay", "lb", "health", "setup", "dc")
+SECTIONS = ("tunnel", "latency", "relay", "lb", "health", "setup", "failover", "dc")
 LAB_SECTIONS = frozenset(SECTIONS) - {"dc"}
 NAT_CLIENT = "mn1"
 TUN_MTU_DEFAULT = 1400
@@ -59,16 +60,26 @@ class Plan:
     lb_rounds: int
     lb_concurrency: int
     health_cycles: int
+    failover_runs: int  # per event kind (issue 5 asks for 20)
+    setup_fresh: str = "forget"  # how a set-up run starts without a path (FRESH_MODES)
 
     @classmethod
-    def make(cls, quick: bool, setup_runs: int | None = None) -> Plan:
+    def make(
+        cls,
+        quick: bool,
+        setup_runs: int | None = None,
+        setup_fresh: str = "forget",
+        failover_runs: int | None = None,
+    ) -> Plan:
         if quick:
-            plan = cls(True, 3, 1, 200, 0.01, 20, 100_000, 5_000, 3.0, 5, 3.0, 1, 6, 2)
+            plan = cls(True, 3, 1, 200, 0.01, 20, 100_000, 5_000, 3.0, 5, 3.0, 1, 6, 2, 5)
         else:
-            plan = cls(False, 6, 3, 500, 0.01, 100, 100_000, 20_000, 8.0, 10, 8.0, 3, 6, 5)
+            plan = cls(False, 4, 3, 500, 0.01, 100, 100_000, 20_000, 6.0, 10, 6.0, 3, 6, 5, 20)
         if setup_runs is not None:
             plan = dataclasses.replace(plan, setup_runs=setup_runs)
-        return plan
+        if failover_runs is not None:
+            plan = dataclasses.replace(plan, failover_runs=failover_runs)
+        return dataclasses.replace(plan, setup_fresh=setup_fresh)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -96,6 +107,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="N",
         help="set-up runs per path kind (default 100, 20 with --quick)",
+    )
+    parser.add_argument(
+        "--failover-runs",
+        type=int,
+        default=None,
+        metavar="N",
+        help="runs per failover event (default 20, 5 with --quick)",
+    )
+    parser.add_argument(
+        "--setup-fresh",
+        choices=FRESH_MODES,
+        default="forget",
+        help="how each set-up run starts without a path: `forget` asks the node to drop its "
+        "paths (admin request, default), `restart` restarts the node (slow)",
     )
     parser.add_argument(
         "--keep-work",
@@ -150,7 +175,9 @@ def run(args: argparse.Namespace) -> int:
     _check_machine(sections)
     if args.setup_runs is not None and args.setup_runs < 1:
         raise ConfigError(f"--setup-runs {args.setup_runs}: give at least 1")
-    plan = Plan.make(args.quick, args.setup_runs)
+    if args.failover_runs is not None and args.failover_runs < 1:
+        raise ConfigError(f"--failover-runs {args.failover_runs}: give at least 1")
+    plan = Plan.make(args.quick, args.setup_runs, args.setup_fresh, args.failover_runs)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = args.out or Path("results") / f"bench-{stamp}.json"
     doc: dict[str, Any] = {
@@ -231,14 +258,18 @@ def _lab_sections(
     want_tunnel = bool({"tunnel", "latency"} & set(sections)) or prof
     reach = bool({"relay", "setup"} & set(sections))
     with_lb = bool({"lb", "health"} & set(sections))
+    with_failover = "failover" in sections
     try:
-        lab = BenchLab(work, with_direct=want_tunnel, reach=reach, lb=with_lb)
+        lab = BenchLab(
+            work, with_direct=want_tunnel, reach=reach, lb=with_lb, failover=with_failover
+        )
     except LabFailure as exc:
         _error(doc, "lab", exc)
         return
     procs = Processes()
     clients = [NAT_CLIENT, DIRECT_NODE] if want_tunnel else [NAT_CLIENT]
-    others = (["cn1"] if reach else []) + ([lb.NTMA] if with_lb else [])
+    others = (["cn1"] if reach else []) + ([lb.NTMA] if with_lb or with_failover else [])
+    others += [BACKUP] if with_failover else []
     try:
         _progress(f"lab {lab.name} up (state {lab.state})")
         try:
@@ -255,7 +286,9 @@ def _lab_sections(
         }
         doc["lab"] = {
             "name": lab.name,
-            "compose": "compose.yaml plus node mnd on `internet` (bench/labctl.py)",
+            "compose": "a subset of compose.yaml plus the benchmark's own hosts: node mnd on "
+            "`internet`, dmzc on dmz, nat-c and access-c for the failover section "
+            "(bench/labctl.py)",
             "pairs": {
                 "nat": {
                     "client": NAT_CLIENT,
@@ -304,14 +337,25 @@ def _lab_sections(
                 _error(doc, "health", exc)
         if "setup" in sections:
             clients_text = ", ".join(dict.fromkeys(k.client for k in KINDS))
-            _progress(f"setup: {plan.setup_runs} runs per kind, each restarting {clients_text}")
+            fresh = plan.setup_fresh
+            how = "restarting" if fresh == "restart" else "forget-paths on"
+            _progress(f"setup: {plan.setup_runs} runs per kind, each {how} {clients_text}")
             try:
-                doc["setup"] = run_setup(lab, plan.setup_runs, min(plan.pings, 200), _progress)
+                doc["setup"] = run_setup(
+                    lab, plan.setup_runs, min(plan.pings, 200), _progress, fresh=fresh
+                )
                 doc.setdefault("commands", {})["setup_probe"] = shlex.join(
                     probe_argv([k.name for k in KINDS if k.client == NAT_CLIENT])
                 )
             except (LabFailure, OSError, subprocess.TimeoutExpired) as exc:
                 _error(doc, "setup", exc)
+        if with_failover:
+            _progress(f"failover: 1 kHz UDP probe, {plan.failover_runs} runs per event")
+            try:
+                doc["failover"] = run_failover(lab, plan.failover_runs, _progress)
+                _nested_errors(doc, "failover", doc["failover"])
+            except (LabFailure, OSError, subprocess.TimeoutExpired) as exc:
+                _error(doc, "failover", exc)
     finally:
         procs.close()
         _progress(f"lab {lab.name} down")

@@ -11,6 +11,7 @@ touches another lab and `down` finds all.
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import subprocess
 import sys
@@ -48,7 +49,21 @@ KEEP = ("pki", "dns", "resolver", "nat-a", "dc1", "cn2", "plainweb", "mn1")
 FEATURES = {
     "reach": ("nat-b", "cn1", "rs1", "rs2"),
     "lb": ("ntma1", "lb", "web1", "web2", "web3"),
+    "failover": ("rtr-b", "rtr-isp1", "rtr-isp2", "ntma2"),  # with "lb"
 }
+# The failover section's own IPv4 access network behind a NAT of its own, so mn1 can also
+# hand over within one family (access-a -> access-c: another private address, another
+# public one). Its addresses are the benchmark's, checked against compose.yaml like the rest.
+SAME_FAMILY_NET = "access-c"
+SAME_FAMILY_NAT = "nat-c"
+NAT_C_ADDRESS = "198.51.100.201"
+ACCESS_C = {"subnet": "10.10.3.0/24", "gateway": "10.10.3.254", "router": "10.10.3.1"}
+MN_ACCESS_C = "10.10.3.100"
+# mn1's fail-back hold-down in the benchmark's lab (the node's default is 60 s): each
+# gateway-failure run waits for the fail-back before the next one. ntma1 must be registered
+# again before it runs out (its start takes up to ~7 s on a busy 2-core machine), or the DC
+# refuses the first fail-back and the node asks again 10 s later.
+FAILBACK_HOLD_DOWN = 9.0
 
 
 class LabFailure(Exception):
@@ -77,20 +92,71 @@ def taken_addresses(services: dict[str, Any]) -> set[str]:
     return out
 
 
-def bench_compose(work: Path, with_direct: bool, reach: bool = False, lb: bool = False) -> Path:
+def with_hold_down(config: str, seconds: float) -> str:
+    """A node config with [node] failback_hold_down set to `seconds` (any old line goes)."""
+    lines = [ln for ln in config.splitlines() if not re.match(r"\s*failback_hold_down\s*=", ln)]
+    try:
+        at = next(i for i, ln in enumerate(lines) if ln.strip() == "[node]")
+    except StopIteration:
+        raise LabFailure("the node config has no [node] section") from None
+    lines.insert(at + 1, f"failback_hold_down = {seconds:g}  # the benchmark's own")
+    return "\n".join(lines) + "\n"
+
+
+def _add_same_family_net(data: dict[str, Any], services: dict[str, Any]) -> None:
+    """nat-c and access-c (the benchmark's), and access-c among mn1's roaming networks."""
+    if SAME_FAMILY_NET in data["networks"] or SAME_FAMILY_NAT in data["services"]:
+        raise LabFailure(
+            f"compose.yaml now has {SAME_FAMILY_NET} or {SAME_FAMILY_NAT}, names of the "
+            "benchmark's own: rename SAME_FAMILY_NET / SAME_FAMILY_NAT in bench/labctl.py"
+        )
+    data["networks"][SAME_FAMILY_NET] = {
+        "internal": True,
+        "ipam": {"config": [{"subnet": ACCESS_C["subnet"], "gateway": ACCESS_C["gateway"]}]},
+    }
+    nat = dict(services["nat-a"])
+    env = dict(nat.get("environment", {}))
+    # IPv4 only on `internet`: nat-a's IPv6 routes would have no way out here.
+    routes = [r.strip() for r in str(env.get("NTM_LAB_ROUTES", "")).split(";")]
+    env["NTM_LAB_ROUTES"] = "; ".join(r for r in routes if r and not r.startswith("-6"))
+    env["NTM_LAB_MASQUERADE"] = ACCESS_C["subnet"]
+    nat["environment"] = env
+    nat["networks"] = {
+        "internet": {"ipv4_address": NAT_C_ADDRESS},
+        SAME_FAMILY_NET: {"ipv4_address": ACCESS_C["router"]},
+    }
+    services[SAME_FAMILY_NAT] = nat
+    mn1 = services["mn1"]
+    mn1["x-ntm-roam"] = {
+        **mn1["x-ntm-roam"],
+        SAME_FAMILY_NET: {
+            "ipv4_address": MN_ACCESS_C,
+            "routes": f"default via {ACCESS_C['router']}",
+        },
+    }
+    mn1["depends_on"] = {**mn1["depends_on"], SAME_FAMILY_NAT: {"condition": "service_healthy"}}
+
+
+def bench_compose(
+    work: Path, with_direct: bool, reach: bool = False, lb: bool = False, failover: bool = False
+) -> Path:
     """Write the benchmark's compose file (and the extra node's PKI spec and config)."""
     data: dict[str, Any] = yaml.safe_load(COMPOSE.read_text())
-    clash = {DIRECT_ADDRESS, DMZ_CLIENT_ADDRESS} & taken_addresses(data["services"])
+    ours = {DIRECT_ADDRESS, DMZ_CLIENT_ADDRESS, NAT_C_ADDRESS, MN_ACCESS_C, ACCESS_C["router"]}
+    clash = ours & taken_addresses(data["services"])
     if clash:
         raise LabFailure(
             f"compose.yaml now uses {', '.join(sorted(clash))}, an address of the benchmark's "
-            "own hosts: change DIRECT_ADDRESS / DMZ_CLIENT_ADDRESS in bench/labctl.py"
+            "own hosts: change DIRECT_ADDRESS / DMZ_CLIENT_ADDRESS / NAT_C_ADDRESS / ACCESS_C "
+            "in bench/labctl.py"
         )
     # Only what the benchmark uses: fewer idle daemons, and a lab that grows elsewhere
     # does not change what is measured here.
+    lb = lb or failover
     keep = set(KEEP)
     keep |= set(FEATURES["reach"]) if reach else set()
     keep |= set(FEATURES["lb"]) if lb else set()
+    keep |= set(FEATURES["failover"]) if failover else set()
     services = {k: v for k, v in data["services"].items() if k in keep}
     for spec in services.values():
         _keep_deps(spec, set(services))
@@ -115,6 +181,12 @@ def bench_compose(work: Path, with_direct: bool, reach: bool = False, lb: bool =
             t.replace("mn1.sock", f"{DIRECT_NODE}.sock") for t in node["healthcheck"]["test"]
         ]
         services[DIRECT_NODE] = node
+    if failover:
+        _add_same_family_net(data, services)
+        config = work / "mn1.toml"
+        text = (REPO / "lab" / "config" / "mn1.toml").read_text()
+        config.write_text(with_hold_down(text, FAILBACK_HOLD_DOWN))
+        services["mn1"]["command"] = ["ntm", "node", "--config", str(config)]
     if lb:
         plain = {k: v for k, v in services["lb"].items() if k in ("build", "image", "working_dir")}
         services[DMZ_CLIENT] = {
@@ -130,13 +202,18 @@ def bench_compose(work: Path, with_direct: bool, reach: bool = False, lb: bool =
 
 class BenchLab:
     def __init__(
-        self, work: Path, with_direct: bool, reach: bool = False, lb: bool = False
+        self,
+        work: Path,
+        with_direct: bool,
+        reach: bool = False,
+        lb: bool = False,
+        failover: bool = False,
     ) -> None:
         self.name = unique_name()
         self.work = work
         self.state = work / "state"  # short: unix socket paths are limited to 107 bytes
         self.with_direct = with_direct
-        self.compose = bench_compose(work, with_direct, reach, lb)
+        self.compose = bench_compose(work, with_direct, reach, lb, failover)
         self.history: list[str] = []
 
     def ntm_lab(self, verb: str, *args: str, timeout: float = 60.0) -> str:
@@ -169,6 +246,12 @@ class BenchLab:
 
     def start(self, service: str) -> None:
         self.ntm_lab("start", service, timeout=UP_TIMEOUT)
+
+    def move(self, service: str, network: str) -> None:
+        self.ntm_lab("move", service, "--to", network)
+
+    def link(self, service: str, network: str, up: bool) -> None:
+        self.ntm_lab("link", service, network, "up" if up else "down")
 
     def ns(self, service: str) -> str:
         return f"{self.name}-{service}"

@@ -1,4 +1,4 @@
-"""Timing probe run inside a lab namespace: `python -m bench.probe setup ...`.
+"""Timing probe run inside a lab namespace: `python -m bench.probe setup|runs ...`.
 
 For each marked name, in the order given: a plain DNS lookup of that name straight to the
 recursive resolver (the query the node's stub makes upstream, carrying the stub's firewall
@@ -7,6 +7,9 @@ tunnel yet ("cold": DNS query -> DC direction -> handshake -> answer -> first HT
 through the new tunnel), then the same name again ("warm", tunnel up). Last, a plain name
 through the same stub. Runs as its own process so the timed part excludes interpreter
 start-up; wall-clock stamps let a trace line the probe up with daemon logs or captures.
+`runs` does all of a client's runs in one process: before each, the node drops its paths to
+the peers (`forget-paths` on its admin socket, reachable from inside the namespace), and
+after each the node's paths are read from its status socket.
 """
 
 from __future__ import annotations
@@ -20,6 +23,14 @@ import time
 from typing import Any
 
 from dnslib import QTYPE, DNSRecord
+
+from ntm_io.status import (  # the repo is on PYTHONPATH inside the namespace
+    AdminError,
+    StatusError,
+    admin_socket_path,
+    read_status,
+    request_admin,
+)
 
 VIP_NET = ipaddress.ip_network("100.64.0.0/10")
 
@@ -84,21 +95,10 @@ def plain_lookup(name: str, args: argparse.Namespace) -> dict[str, Any]:
     return {"answer": address, "dns_ms": round((time.perf_counter() - t0) * 1000, 3)}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.probe")
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("setup", help="per marked name: plain lookup, cold, warm; then plain")
-    p.add_argument("--marked", action="append", required=True, help="repeat for more names")
-    p.add_argument("--plain", required=True)
-    p.add_argument("--server", default="127.0.0.1", help="the node's stub resolver")
-    p.add_argument("--upstream", required=True, help="the recursive resolver (plain lookups)")
-    p.add_argument("--mark", type=lambda v: int(v, 0), default=0, help="SO_MARK, e.g. 0x4e544d")
-    p.add_argument("--dns-port", type=int, default=53)
-    p.add_argument("--http-port", type=int, default=80)
-    p.add_argument("--timeout", type=float, default=8.0)
-    args = parser.parse_args(argv)
+def one_run(names: list[str], args: argparse.Namespace) -> dict[str, Any]:
+    """Per marked name: plain lookup, cold, warm; then the plain name through the stub."""
     out: dict[str, Any] = {"names": {}}
-    for name in args.marked:
+    for name in names:
         one: dict[str, Any] = {}
         out["names"][name] = one
         try:
@@ -111,6 +111,82 @@ def main(argv: list[str] | None = None) -> int:
         out["plain"] = timed(args.plain, args, marked=False)
     except (OSError, ProbeError) as exc:
         out["error"] = f"{type(exc).__name__}: {exc}"
+    return out
+
+
+def forget(args: argparse.Namespace) -> None:
+    """Make the node drop its paths to the peers (admin request), and check it did."""
+    try:
+        for fqdn in args.forget:
+            request_admin(admin_socket_path(args.status), "forget-paths", fqdn=fqdn)
+        paths = read_status(args.status).get("paths") or []
+    except (AdminError, StatusError) as exc:
+        raise ProbeError(f"forget-paths: {exc}") from None
+    left = [p for p in paths if p.get("peer_fqdn") in args.forget]
+    if left:
+        raise ProbeError(
+            f"still {len(left)} path(s) to {', '.join(args.forget)} after forget-paths"
+        )
+
+
+def paths_now(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The node's paths as its status shows them (what the benchmark checks a run by)."""
+    keys = ("peer_fqdn", "kind", "state", "relay")
+    return [{k: p.get(k) for k in keys} for p in read_status(args.status).get("paths") or []]
+
+
+def many_runs(args: argparse.Namespace) -> int:
+    """`runs`: one JSON line per run; before each, the node forgets its paths to the peers.
+    One process for all runs: no interpreter start-up between them."""
+    failed_in_a_row = 0
+    for i in range(args.runs):
+        names = list(args.marked)
+        if i % 2:
+            names.reverse()  # neither name always goes first
+        t0 = time.perf_counter()
+        try:
+            forget(args)
+        except ProbeError as exc:
+            print(json.dumps({"run": i, "error": f"ProbeError: {exc}"}), flush=True)
+            failed_in_a_row += 1
+            if failed_in_a_row >= args.max_failed:
+                return 1
+            continue
+        failed_in_a_row = 0
+        forget_ms = round((time.perf_counter() - t0) * 1000, 3)
+        out = one_run(names, args)
+        out["run"] = i
+        out["forget_ms"] = forget_ms
+        try:
+            out["paths"] = paths_now(args)
+        except StatusError as exc:  # the run then fails: its path is not checked
+            out["paths_error"] = f"{type(exc).__name__}: {exc}"
+        print(json.dumps(out), flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.probe")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("setup", help="per marked name: plain lookup, cold, warm; then plain")
+    r = sub.add_parser("runs", help="`setup` N times, the node forgetting its paths before each")
+    for q in (p, r):
+        q.add_argument("--marked", action="append", required=True, help="repeat for more names")
+        q.add_argument("--plain", required=True)
+        q.add_argument("--server", default="127.0.0.1", help="the node's stub resolver")
+        q.add_argument("--upstream", required=True, help="the recursive resolver (plain lookups)")
+        q.add_argument("--mark", type=lambda v: int(v, 0), default=0, help="SO_MARK, e.g. 0x4e544d")
+        q.add_argument("--dns-port", type=int, default=53)
+        q.add_argument("--http-port", type=int, default=80)
+        q.add_argument("--timeout", type=float, default=8.0)
+    r.add_argument("--runs", type=int, required=True)
+    r.add_argument("--status", required=True, help="the node's status socket")
+    r.add_argument("--forget", action="append", required=True, help="peer FQDN; repeat")
+    r.add_argument("--max-failed", type=int, default=3, help="forget failures in a row: stop")
+    args = parser.parse_args(argv)
+    if args.cmd == "runs":
+        return many_runs(args)
+    out = one_run(list(args.marked), args)
     print(json.dumps(out))
     failed = "error" in out or any("error" in one for one in out["names"].values())
     return 1 if failed else 0

@@ -67,7 +67,7 @@ def _best_quic_level(doc: Mapping[str, Any]) -> tuple[str, Mapping[str, Any]] | 
 
 
 def goals(doc: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Issues 3 and 7's goals against this run; `met` is None when the figure is missing."""
+    """Issues 3, 5 and 7's goals against this run; `met` is None when the figure is missing."""
     out: list[dict[str, Any]] = []
     for key, kind in (_get(doc, "setup", "kinds") or {}).items():
         target = _get(kind, "goal", "target_ms")
@@ -136,6 +136,7 @@ def goals(doc: Mapping[str, Any]) -> list[dict[str, Any]]:
                 mem <= 1024 if nodes and nodes >= 100_000 else None,
             )
         )
+    out += _failover_goals(doc)
     rest = _get(doc, "node_rss", "at_rest")
     if isinstance(rest, Mapping) and rest:
         worst = max(rest.values())
@@ -205,6 +206,7 @@ def render(doc: Mapping[str, Any]) -> str:
     lines += _lb_lines(doc)
     lines += _health_lines(doc)
     lines += _setup_lines(doc)
+    lines += _failover_lines(doc)
     setup = doc.get("setup")
     if isinstance(setup, Mapping) and "plain" in setup:  # results of the first schema
         lines += ["", f"Name to first byte, ms (N={setup.get('runs')}, {setup.get('client')})"]
@@ -266,7 +268,7 @@ def render(doc: Mapping[str, Any]) -> str:
         lines += ["", "Node RSS at rest, MB: " + ", ".join(parts)]
     checks = doc.get("goals") or []
     if checks:
-        lines += ["", "Goals (issues 3 and 7)"]
+        lines += ["", "Goals (issues 3, 5 and 7)"]
         rows = [[c["goal"], c["target"], c["measured"], mark(c["met"])] for c in checks]
         lines += table(["goal", "target", "measured", ""], rows)
     errors = doc.get("errors") or []
@@ -438,4 +440,109 @@ def _setup_lines(doc: Mapping[str, Any]) -> list[str]:
     for key, k in setup["kinds"].items():
         if k.get("failures"):
             lines.append(f"  {key}: {len(k['failures'])} failed runs, first: {k['failures'][0]}")
+    return lines
+
+
+FAILOVER_ROWS = (
+    "handover_same_family",
+    "handover_different_family",
+    "handover_make_before_break",
+    "gateway_failure",
+    "uplink_cut",
+    "failback",
+)
+
+
+def _failover_goals(doc: Mapping[str, Any]) -> list[dict[str, Any]]:
+    fo = doc.get("failover")
+    if not isinstance(fo, Mapping):
+        return []
+    out = []
+    for key in FAILOVER_ROWS:
+        label = _get(fo, "labels", key) or key
+        r = fo.get(key)
+        if not isinstance(r, Mapping):
+            continue
+        if r.get("built") is False:
+            target = _get(fo, "goals", key) or "?"
+            out.append(_check(f"{label} (issue 5)", target, "not built", False))
+            continue
+        goal = r.get("goal")
+        if not isinstance(goal, Mapping) or goal.get("text") in (None, "none set"):
+            continue
+        s = r.get("gap_ms") or {}
+        measured = f"p50 {num(s.get('p50'), 1)} ms, p99 {num(s.get('p99'), 1)} ms"
+        if goal.get("zero_loss"):
+            measured += f", {num(r.get('lost_total'), 0)} lost"
+        out.append(_check(f"{label} (issue 5)", str(goal["text"]), measured, goal.get("met")))
+    return out
+
+
+def _failover_lines(doc: Mapping[str, Any]) -> list[str]:
+    fo = doc.get("failover")
+    if not isinstance(fo, Mapping):
+        return []
+    rows = []
+    for key in FAILOVER_ROWS:
+        r = fo.get(key)
+        label = str(_get(fo, "labels", key) or key)
+        if not isinstance(r, Mapping):
+            continue
+        if r.get("built") is False:
+            rows.append([label, "not built", "", "", "", "", "", str(_get(fo, "goals", key))])
+            continue
+        if "error" in r and "gap_ms" not in r:
+            rows.append([label, "error", "", "", "", "", "", str(r["error"])[:60]])
+            continue
+        g = r.get("gap_ms") or {}
+        goal = r.get("goal") or {}
+        met = goal.get("met")
+        text = str(goal.get("text") or "none set")
+        rows.append(
+            [
+                label,
+                num(r.get("runs"), 0),
+                *(num(g.get(q), 1) for q in ("p50", "p90", "p99", "max")),
+                f"{num(_get(r, 'lost', 'p50'), 0)} / {num(_get(r, 'lost', 'max'), 0)}",
+                text if text == "none set" else f"{text} {mark(met)}",
+            ]
+        )
+    pub = fo.get("published_s") or {}
+    lines = [
+        "",
+        "Failover: gap in a 1 kHz UDP stream mn1 -> www.example.com:9000 (through the tunnel), "
+        "ms: the longest time without an echo around each event",
+        *table(
+            ["event", "runs", "p50", "p90", "p99", "max", "lost p50 / max", "goal (issue 5)"],
+            rows,
+        ),
+        f"  published figures, not measured here: VRRP {num(pub.get('vrrp_s'), 1)} s, "
+        f"the seed paper's VPN failover {num(pub.get('seed_paper_s'), 1)} s "
+        "(5 s detection + 318 ms re-setup)",
+    ]
+    for key in ("gateway_failure", "uplink_cut"):
+        r = fo.get(key)
+        if isinstance(r, Mapping) and isinstance(r.get("node_detection_s"), Mapping):
+            lines.append(
+                f"  {key.replace('_', ' ')}, mn1's own account: detection p50 "
+                f"{num(_get(r, 'node_detection_s', 'p50'), 3)} s, switch p50 "
+                f"{num(_get(r, 'node_switch_s', 'p50'), 3)} s"
+            )
+    odd = []
+    for key in FAILOVER_ROWS:
+        r = fo.get(key)
+        if not isinstance(r, Mapping) or "per_run" not in r:
+            continue
+        if r.get("server_changed_runs"):
+            odd.append(f"{key}: the echoing server changed in {r['server_changed_runs']} runs")
+        if r.get("censored_runs"):
+            odd.append(f"{key}: {r['censored_runs']} runs not handled in time (gap censored)")
+        if r.get("lost_scattered_total"):
+            odd.append(
+                f"{key}: {r['lost_scattered_total']} probes lost while echoes still came "
+                "(outside every silence)"
+            )
+    lines += [f"  {text}" for text in odd]
+    hold = fo.get("failback_hold_down_s")
+    lines.append(f"  mn1's fail-back hold-down in this lab: {num(hold, 0)} s (the benchmark's)")
     return lines

@@ -1,12 +1,15 @@
 """Tunnel set-up time (name lookup to first byte) for direct, relayed and reverse paths.
 
-Each run restarts the client's node (`ntm lab kill/start`), so it holds no tunnel, waits
-for its registration, then the probe (bench.probe) times, per marked name: a plain lookup of
+Before each run the client holds no tunnel to the peers it is about to look up: by default
+the probe (one process for all of a client's runs) asks the node to drop them (forget-paths
+on the node's admin socket, like `ntm status --forget-paths`), or with `fresh="restart"` the
+client's node is restarted before each run (`ntm lab kill/start`, then its registration is
+awaited). Then the probe (bench.probe) times, per marked name: a plain lookup of
 the same name straight at the recursive resolver, the name through the node's stub with no
 tunnel yet (cold: DNS query -> DC direction -> handshake -> answer -> first HTTP byte through
 the new tunnel) and again with the tunnel up (warm); then a plain name through the stub.
 After each probe the client's status must show the expected path kind, or the run does not
-count. Both of mn1's names are probed after one restart, in alternating order.
+count. Both of mn1's names are probed in one run, in alternating order.
 """
 
 from __future__ import annotations
@@ -14,22 +17,33 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from ntm_io.status import StatusError
 
 from .labctl import DC_ADDRESS, RESOLVER, BenchLab, LabFailure
-from .nsproc import run_in
+from .nsproc import in_ns, run_in
 from .stats import parse_ping, summary
 from .tunnel import PLAIN_NAME, probe_env
 
 DNS_REDIRECT_MARK = 0x4E544D  # ntm_node.dns_redirect.MARK: the stub's upstream queries pass
 GOAL_SLACK_MS = 5.0
 MAX_FAILED_RESTARTS = 3  # in a row, for one client: the lab is broken, stop
+PER_RUN_BOUND = 20.0  # s: a forget-mode probe gets this per run (plus a minute) to finish
+FRESH_MODES = ("forget", "restart")
+HOW = {
+    "forget": "before each run the client's node drops its paths to the peers it is about to "
+    "look up (admin request forget-paths on the admin socket beside its status socket, as "
+    "`ntm status --socket S --forget-paths FQDN` does), so no path exists; the node keeps "
+    "running and registered; one probe process does all of a client's runs",
+    "restart": "each run restarts the client's node (ntm lab kill/start) and waits for its "
+    "registration, so no path exists",
+}
 
 
 @dataclass(frozen=True)
@@ -125,24 +139,66 @@ def lab_rtt(lab: BenchLab, client: str, pings: int) -> dict[str, Any]:
     return out
 
 
-def run_setup(
+def runs_argv(lab: BenchLab, client: str, kinds: Sequence[SetupKind], runs: int) -> list[str]:
+    """The probe doing all of one client's runs, the node forgetting its paths before each."""
+    argv = probe_argv([k.name for k in kinds])
+    argv[argv.index("setup")] = "runs"
+    argv += ["--runs", str(runs), "--status", lab.socket(client)]
+    for peer in sorted({k.peer_fqdn for k in kinds}):
+        argv += ["--forget", peer]
+    return argv
+
+
+class Tally:
+    """Every run's figures, per kind; a run counts only with the expected path kind."""
+
+    def __init__(self, kinds: Sequence[SetupKind]) -> None:
+        clients = list(dict.fromkeys(k.client for k in kinds))
+        self.samples: dict[str, dict[str, list[float]]] = {
+            k.key: {s: [] for s in SAMPLES} for k in kinds
+        }
+        self.plain_stub: dict[str, dict[str, list[float]]] = {
+            c: {"dns_ms": [], "first_byte_ms": []} for c in clients
+        }
+        self.failures: dict[str, list[str]] = {k.key: [] for k in kinds}
+        self.seen: dict[str, Counter[str]] = {k.key: Counter() for k in kinds}
+        self.relays: Counter[str] = Counter()
+        self.fresh_s: dict[str, list[float]] = {c: [] for c in clients}
+
+    def fail(self, i: int, kinds: Sequence[SetupKind], problem: str) -> None:
+        for kind in kinds:
+            self.failures[kind.key].append(f"run {i}: {problem}")
+
+    def add(
+        self,
+        i: int,
+        client: str,
+        kinds: Sequence[SetupKind],
+        doc: Mapping[str, Any],
+        status: Mapping[str, Any],
+    ) -> None:
+        if "plain" in doc:
+            for key in ("dns_ms", "first_byte_ms"):
+                self.plain_stub[client][key].append(float(doc["plain"][key]))
+        for kind in kinds:
+            one = (doc.get("names") or {}).get(kind.name) or {"error": doc.get("error")}
+            problem = record_run(
+                kind, one, status, self.samples[kind.key], self.seen[kind.key], self.relays
+            )
+            if problem:
+                self.failures[kind.key].append(f"run {i}: {problem}")
+
+
+def _restart_runs(
     lab: BenchLab,
     runs: int,
-    pings: int,
+    kinds: Sequence[SetupKind],
+    tally: Tally,
     progress: Callable[[str], None],
-    kinds: Sequence[SetupKind] = KINDS,
-) -> dict[str, Any]:
+) -> None:
+    """Each run restarts each client's node first, then runs the probe once."""
     clients = list(dict.fromkeys(k.client for k in kinds))
-    samples: dict[str, dict[str, list[float]]] = {k.key: {s: [] for s in SAMPLES} for k in kinds}
-    plain_stub: dict[str, dict[str, list[float]]] = {
-        c: {"dns_ms": [], "first_byte_ms": []} for c in clients
-    }
-    failures: dict[str, list[str]] = {k.key: [] for k in kinds}
-    seen: dict[str, Counter[str]] = {k.key: Counter() for k in kinds}
-    relays: Counter[str] = Counter()
-    restart_s: dict[str, list[float]] = {c: [] for c in clients}
     broken: Counter[str] = Counter()  # failed restarts in a row, per client
-    rtts = {c: lab_rtt(lab, c, pings) for c in clients}
     for i in range(runs):
         for client in clients:
             mine = [k for k in kinds if k.client == client]
@@ -157,48 +213,132 @@ def run_setup(
                 # One failed restart costs this run, not the section; a lab that keeps
                 # failing does.
                 broken[client] += 1
-                for kind in mine:
-                    failures[kind.key].append(f"run {i}: restart of {client}: {exc}")
+                tally.fail(i, mine, f"restart of {client}: {exc}")
                 if broken[client] >= MAX_FAILED_RESTARTS:
                     raise
                 continue
             broken[client] = 0
-            restart_s[client].append(time.monotonic() - t0)
+            tally.fresh_s[client].append(time.monotonic() - t0)
             try:
                 done = run_in(lab.ns(client), probe_argv([k.name for k in mine]), 60, probe_env())
                 doc = json.loads(done.stdout or "{}")
                 status = lab.status(client)
             except (subprocess.TimeoutExpired, json.JSONDecodeError, StatusError) as exc:
                 doc, status = {"error": f"probe: {exc}"}, {}
-            if "plain" in doc:
-                for key in ("dns_ms", "first_byte_ms"):
-                    plain_stub[client][key].append(float(doc["plain"][key]))
-            for kind in mine:
-                one = (doc.get("names") or {}).get(kind.name) or {"error": doc.get("error")}
-                problem = record_run(kind, one, status, samples[kind.key], seen[kind.key], relays)
-                if problem:
-                    failures[kind.key].append(f"run {i}: {problem}")
+            tally.add(i, client, mine, doc, status)
         if (i + 1) % 10 == 0:
             progress(f"setup: {i + 1}/{runs} runs")
+
+
+class LineProcess:
+    """A child whose stdout is read line by line as it comes, killed after `bound` seconds."""
+
+    def __init__(self, argv: Sequence[str], bound: float) -> None:
+        self.proc = subprocess.Popen(
+            list(argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=probe_env()
+        )
+        self.watchdog = threading.Timer(bound, self.proc.kill)
+        self.watchdog.start()
+
+    def lines(self) -> Iterator[str]:
+        assert self.proc.stdout is not None
+        yield from self.proc.stdout
+
+    def finish(self) -> tuple[int, str]:
+        """Exit status and the end of stderr; the child is gone afterwards."""
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        finally:
+            self.watchdog.cancel()
+        assert self.proc.stderr is not None
+        return self.proc.returncode, self.proc.stderr.read().strip()[-500:]
+
+
+def _forget_runs(
+    lab: BenchLab,
+    runs: int,
+    kinds: Sequence[SetupKind],
+    tally: Tally,
+    progress: Callable[[str], None],
+) -> None:
+    """One probe process per client does all its runs; the node forgets before each."""
+    for client in dict.fromkeys(k.client for k in kinds):
+        mine = [k for k in kinds if k.client == client]
+        child = LineProcess(
+            in_ns(lab.ns(client), runs_argv(lab, client, mine, runs)), PER_RUN_BOUND * runs + 60
+        )
+        done: set[int] = set()
+        last_error = ""
+        try:
+            for line in child.lines():
+                try:
+                    doc = json.loads(line)
+                    i = int(doc["run"])
+                except (ValueError, KeyError, TypeError):
+                    continue
+                done.add(i)
+                if "forget_ms" in doc:
+                    tally.fresh_s[client].append(float(doc["forget_ms"]) / 1000)
+                if "names" not in doc:  # the node did not forget: the run did not happen
+                    last_error = str(doc.get("error"))
+                    tally.fail(i, mine, f"forget on {client}: {last_error}")
+                elif "paths_error" in doc:
+                    tally.fail(i, mine, f"{client}: no status: {doc['paths_error']}")
+                else:
+                    tally.add(i, client, mine, doc, {"paths": doc.get("paths") or []})
+                if (i + 1) % 20 == 0:
+                    progress(f"setup: {client} {i + 1}/{runs} runs")
+        finally:
+            rc, err = child.finish()
+        if len(done) < runs:
+            for i in sorted(set(range(runs)) - done):
+                tally.fail(i, mine, f"the probe in {client} ended first (exit {rc})")
+            raise LabFailure(
+                f"setup probe in {client} stopped after {len(done)} of {runs} runs "
+                f"(exit {rc}): {last_error or err or 'no output'}"
+            )
+
+
+def run_setup(
+    lab: BenchLab,
+    runs: int,
+    pings: int,
+    progress: Callable[[str], None],
+    kinds: Sequence[SetupKind] = KINDS,
+    fresh: str = "forget",
+) -> dict[str, Any]:
+    if fresh not in FRESH_MODES:
+        raise ValueError(f"fresh={fresh!r}: one of {', '.join(FRESH_MODES)}")
+    clients = list(dict.fromkeys(k.client for k in kinds))
+    tally = Tally(kinds)
+    rtts = {c: lab_rtt(lab, c, pings) for c in clients}
+    driver = _forget_runs if fresh == "forget" else _restart_runs
+    driver(lab, runs, kinds, tally, progress)
+    failures = tally.failures
     if runs and all(len(f) == runs for f in failures.values()):
         first = next(iter(failures.values()))[0]
         raise LabFailure(f"every set-up run failed; first: {first}")
     out: dict[str, Any] = {
         "runs": runs,
-        "how": "each run restarts the client's node (ntm lab kill/start) and waits for its "
-        "registration, so no path exists; plain = the same name looked up straight at the "
-        "resolver from the same namespace",
+        "fresh": fresh,
+        "how": HOW[fresh] + "; plain = the same name looked up straight at the resolver from "
+        "the same namespace",
         "plain_name": PLAIN_NAME,
         "upstream": RESOLVER,
         "lab_rtt_ms": rtts,
-        "restart_wait_s": {c: summary(v) for c, v in restart_s.items()},
-        "plain_stub": {c: {k: summary(v) for k, v in per.items()} for c, per in plain_stub.items()},
+        "fresh_wait_s": {c: summary(v, 4) for c, v in tally.fresh_s.items()},
+        "plain_stub": {
+            c: {k: summary(v) for k, v in per.items()} for c, per in tally.plain_stub.items()
+        },
         "kinds": {},
-        "relays_used": dict(relays),
+        "relays_used": dict(tally.relays),
     }
     for kind in kinds:
-        res = kind_result(kind, samples[kind.key], rtts[kind.client].get("p50"))
-        res["path_kinds_seen"] = dict(seen[kind.key])
+        res = kind_result(kind, tally.samples[kind.key], rtts[kind.client].get("p50"))
+        res["path_kinds_seen"] = dict(tally.seen[kind.key])
         res["failures"] = failures[kind.key]
         out["kinds"][kind.key] = res
     return out

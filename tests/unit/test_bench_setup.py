@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -230,6 +231,9 @@ class FakeLab:
     def ns(self, service: str) -> str:
         return f"lab-{service}"
 
+    def socket(self, service: str) -> str:
+        return f"/state/run/{service}.sock"
+
     def kill(self, service: str) -> None:
         self.calls.append(f"kill {service}")
 
@@ -243,13 +247,12 @@ class FakeLab:
         return {}
 
     def status(self, service: str) -> dict[str, Any]:
-        if service == "mn1":
-            return STATUS | {"paths": [*STATUS["paths"]]}
-        return {
-            "paths": [
-                {"peer_fqdn": "cn1.ntm.example.com", "kind": "reverse", "state": "established"}
-            ]
-        }
+        return STATUS if service == "mn1" else CN2_STATUS
+
+
+CN2_STATUS: dict[str, Any] = {
+    "paths": [{"peer_fqdn": "cn1.ntm.example.com", "kind": "reverse", "state": "established"}]
+}
 
 
 def fake_run_in(orders: list[list[str]]) -> Any:
@@ -268,13 +271,67 @@ def fake_run_in(orders: list[list[str]]) -> Any:
     return run_in
 
 
-def test_run_setup_restarts_each_client_alternates_order_and_checks_kinds(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def option(argv: list[str], name: str) -> list[str]:
+    return [argv[i + 1] for i, a in enumerate(argv) if a == name]
+
+
+class FakeProbe:
+    """`python -m bench.probe runs` as the lab would answer it: one JSON line per run.
+
+    `forget_fails`: runs (by index) whose forget-paths fails; `stop_after`: the probe exits
+    after that many lines; `paths`: what the node's status shows after each run."""
+
+    made: list[list[str]] = []
+    forget_fails: set[int] = set()
+    stop_after: int | None = None
+    paths: dict[str, list[dict[str, Any]]] = {}
+
+    def __init__(self, argv: list[str], bound: float) -> None:
+        self.argv = argv
+        FakeProbe.made.append(argv)
+
+    def lines(self) -> Iterator[str]:
+        argv = self.argv
+        assert argv[:3] == ["ip", "netns", "exec"] and "runs" in argv
+        client = argv[3].removeprefix("lab-")
+        names = option(argv, "--marked")
+        for i in range(int(option(argv, "--runs")[0])):
+            if self.stop_after is not None and i >= self.stop_after:
+                return
+            if i in self.forget_fails:
+                yield json.dumps({"run": i, "error": "ProbeError: forget-paths: no daemon"})
+                continue
+            order = names if i % 2 == 0 else names[::-1]
+            doc = {
+                "run": i,
+                "forget_ms": 1.5,
+                "names": {n: probe_result(20.0) for n in order},
+                "order": order,
+                "plain": {"dns_ms": 2.0, "first_byte_ms": 3.0},
+                "paths": self.paths.get(
+                    client, (STATUS if client == "mn1" else CN2_STATUS)["paths"]
+                ),
+            }
+            yield json.dumps(doc) + "\n"
+
+    def finish(self) -> tuple[int, str]:
+        return (0 if self.stop_after is None else 1), ""
+
+
+@pytest.fixture
+def fake_probe(monkeypatch: pytest.MonkeyPatch) -> type[FakeProbe]:
+    monkeypatch.setattr("bench.setup_time.run_in", fake_run_in([]))
+    monkeypatch.setattr("bench.setup_time.LineProcess", FakeProbe)
+    FakeProbe.made, FakeProbe.forget_fails, FakeProbe.stop_after = [], set(), None
+    FakeProbe.paths = {}
+    return FakeProbe
+
+
+def test_run_setup_restart_mode_restarts_each_client(monkeypatch: pytest.MonkeyPatch) -> None:
     orders: list[list[str]] = []
     monkeypatch.setattr("bench.setup_time.run_in", fake_run_in(orders))
     lab = FakeLab()
-    out = run_setup(lab, 2, 1, lambda _: None)  # type: ignore[arg-type]
+    out = run_setup(lab, 2, 1, lambda _: None, fresh="restart")  # type: ignore[arg-type]
     assert lab.calls == ["kill mn1", "start mn1", "kill cn2", "start cn2"] * 2
     assert orders == [
         ["global.example.com", "peer.example.com"],
@@ -282,6 +339,22 @@ def test_run_setup_restarts_each_client_alternates_order_and_checks_kinds(
         ["peer.example.com", "global.example.com"],  # the other name first this time
         ["peer.example.com"],
     ]
+    assert out["fresh"] == "restart" and "restarts" in out["how"]
+    assert out["kinds"]["direct"]["cold_first_byte_ms"]["n"] == 2
+    with pytest.raises(ValueError, match="fresh='reboot'"):
+        run_setup(lab, 1, 1, lambda _: None, fresh="reboot")  # type: ignore[arg-type]
+
+
+def test_run_setup_forgets_paths_in_one_probe_per_client(fake_probe: type[FakeProbe]) -> None:
+    lab = FakeLab()
+    out = run_setup(lab, 2, 1, lambda _: None)  # type: ignore[arg-type]
+    assert lab.calls == []  # no restarts
+    mn1, cn2 = fake_probe.made
+    assert option(mn1, "--forget") == ["cn1.ntm.example.com", "cn2.ntm.example.com"]
+    assert option(mn1, "--status") == ["/state/run/mn1.sock"] and option(mn1, "--runs") == ["2"]
+    assert option(cn2, "--forget") == ["cn1.ntm.example.com"]
+    assert option(cn2, "--marked") == ["peer.example.com"]
+    assert out["fresh"] == "forget" and "forget-paths" in out["how"]
     kinds = out["kinds"]
     assert kinds["relayed"]["cold_first_byte_ms"]["n"] == 2
     assert kinds["reverse"]["path_kinds_seen"] == {"reverse": 2}
@@ -289,15 +362,78 @@ def test_run_setup_restarts_each_client_alternates_order_and_checks_kinds(
     assert kinds["direct"]["goal"]["target_ms"] == 5.1  # 1 x 0.1 ms ping + 5
     assert out["relays_used"] == {"198.51.100.51:7500": 2}
     assert out["plain_stub"]["mn1"]["dns_ms"]["p50"] == 2.0
+    assert out["fresh_wait_s"]["mn1"]["p50"] == 0.0015
 
 
 def test_a_failed_restart_costs_a_run_and_a_broken_lab_stops_the_section(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr("bench.setup_time.run_in", fake_run_in([]))
-    out = run_setup(FakeLab("mn1", 1), 3, 1, lambda _: None)  # type: ignore[arg-type]
+    out = run_setup(FakeLab("mn1", 1), 3, 1, lambda _: None, fresh="restart")  # type: ignore[arg-type]
     assert out["kinds"]["direct"]["cold_first_byte_ms"]["n"] == 2
     assert out["kinds"]["direct"]["failures"] == ["run 0: restart of mn1: mn1 did not register"]
     assert out["kinds"]["reverse"]["cold_first_byte_ms"]["n"] == 3
     with pytest.raises(LabFailure, match="did not register"):
-        run_setup(FakeLab("cn2", 3), 5, 1, lambda _: None)  # type: ignore[arg-type]
+        run_setup(FakeLab("cn2", 3), 5, 1, lambda _: None, fresh="restart")  # type: ignore[arg-type]
+
+
+def test_a_failed_forget_costs_a_run_and_a_probe_that_stops_fails_the_section(
+    fake_probe: type[FakeProbe],
+) -> None:
+    fake_probe.forget_fails = {1}
+    out = run_setup(FakeLab(), 3, 1, lambda _: None)  # type: ignore[arg-type]
+    assert out["kinds"]["direct"]["cold_first_byte_ms"]["n"] == 2
+    assert out["kinds"]["direct"]["failures"] == [
+        "run 1: forget on mn1: ProbeError: forget-paths: no daemon"
+    ]
+    fake_probe.forget_fails, fake_probe.stop_after = set(), 1
+    with pytest.raises(LabFailure, match=r"setup probe in mn1 stopped after 1 of 3 runs"):
+        run_setup(FakeLab(), 3, 1, lambda _: None)  # type: ignore[arg-type]
+
+
+def test_a_wrong_path_kind_costs_the_run(fake_probe: type[FakeProbe]) -> None:
+    fake_probe.paths = {
+        "cn2": [{"peer_fqdn": "cn1.ntm.example.com", "kind": "relay", "state": "established"}]
+    }
+    out = run_setup(FakeLab(), 2, 1, lambda _: None)  # type: ignore[arg-type]
+    assert out["kinds"]["reverse"]["cold_first_byte_ms"]["n"] == 0
+    assert out["kinds"]["reverse"]["failures"][0] == (
+        "run 0: peer.example.com: path is relay, expected reverse"
+    )
+    fake_probe.paths = {"mn1": [], "cn2": []}
+    with pytest.raises(LabFailure, match="every set-up run failed"):
+        run_setup(FakeLab(), 2, 1, lambda _: None)  # type: ignore[arg-type]
+
+
+def test_probe_runs_forgets_before_each_run_and_stops_when_the_node_never_forgets(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import bench.probe as probe
+
+    calls: list[str] = []
+    fails = {1}
+
+    def forget(args: Any) -> None:
+        calls.append("forget")
+        if calls.count("forget") - 1 in fails:  # by run: the n-th forget is run n's
+            raise probe.ProbeError("forget-paths: no daemon")
+
+    def one_run(names: list[str], args: Any) -> dict[str, Any]:
+        calls.append(",".join(names))
+        return {"names": {n: {} for n in names}}
+
+    monkeypatch.setattr(probe, "forget", forget)
+    monkeypatch.setattr(probe, "one_run", one_run)
+    monkeypatch.setattr(probe, "paths_now", lambda args: [{"peer_fqdn": "x"}])
+    argv = ["runs", "--runs", "3", "--status", "/s.sock", "--forget", "cn2.ntm.example.com"]
+    argv += ["--marked", "a", "--marked", "b", "--plain", "p", "--upstream", "198.51.100.11"]
+    assert probe.main(argv) == 0
+    assert calls == ["forget", "a,b", "forget", "forget", "a,b"]  # no run 1; run 2: a first
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [x["run"] for x in lines] == [0, 1, 2]
+    assert lines[1] == {"run": 1, "error": "ProbeError: forget-paths: no daemon"}
+    assert lines[2]["paths"] == [{"peer_fqdn": "x"}] and "forget_ms" in lines[2]
+    calls.clear()
+    fails.update({0, 2})
+    assert probe.main([*argv[:2], "5", *argv[3:]]) == 1  # three in a row: stop
+    assert calls == ["forget"] * 3
