@@ -250,11 +250,13 @@ async def load(
                     errors.append(getattr(answer, "reason", type(answer).__name__)[:80])
 
         cpu0, own0 = procstat.cpu_seconds(server_pid), procstat.cpu_seconds(os.getpid())
+        udp0 = _udp_datagrams()
         t0 = time.perf_counter()
         await asyncio.gather(*(worker(i, w) for i in range(conns) for w in range(inflight)))
         elapsed = time.perf_counter() - t0
         cpu = procstat.cpu_seconds(server_pid) - cpu0
         own = procstat.cpu_seconds(os.getpid()) - own0
+        udp = _udp_datagrams() - udp0
         done = len(latencies)
         return {
             "completed": done,
@@ -266,6 +268,7 @@ async def load(
             "server_cpu_percent": round(100 * cpu / elapsed, 1),
             "per_server_cpu_s": round(done / cpu) if cpu > 0 else None,
             "load_generator_cpu_percent": round(100 * own / elapsed, 1),
+            "udp_datagrams_per_request": round(udp / done, 2) if done else None,
         }
 
     try:
@@ -290,6 +293,16 @@ async def load(
         "note": "a Direction Request includes the DC's push of the Route Direction to the "
         "responder (another client connection) and its ack",
     }
+
+
+def _udp_datagrams() -> int:
+    """UDP datagrams received in this network namespace (both ends of every loopback
+    exchange count once); other UDP traffic in the namespace adds to it."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        udp = [ln.split() for ln in Path("/proc/net/snmp").read_text().splitlines()]
+        rows = [r for r in udp if r and r[0] == "Udp:"]
+        return int(rows[1][rows[0].index("InDatagrams")])
+    return 0
 
 
 # --- the parent side ----------------------------------------------------------------------
@@ -331,11 +344,24 @@ def run_dc(work: Path, nodes: int, plans: int, seconds: float) -> dict[str, Any]
             _child("coordinator", "--nodes", str(nodes), "--plans", str(plans)), 600
         )
     }
+    out["quic"] = run_quic(work, seconds)
+    return out
+
+
+def run_quic(
+    work: Path, seconds: float, levels: tuple[str, ...] = tuple(LOADS), profile: Path | None = None
+) -> dict[str, Any]:
+    """The DcServer over QUIC at each load level; `profile`: cProfile the server into it."""
     pki = work / "dc-pki"
     make_dc_pki(pki, max(conns for conns, _ in LOADS.values()))
     port = _free_udp_port()
+    extra = ("--profile", str(profile)) if profile is not None else ()
     server = subprocess.Popen(
-        _child("server", "--pki", str(pki), "--port", str(port), "--work", str(work), "--cpu", "0"),
+        _child(
+            "server",
+            *("--pki", str(pki), "--port", str(port), "--work", str(work), "--cpu", "0"),
+            *extra,
+        ),
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -344,17 +370,19 @@ def run_dc(work: Path, nodes: int, plans: int, seconds: float) -> dict[str, Any]
     quic: dict[str, Any] = {
         "pinning": "DcServer process on CPU 0, load generator (aioquic clients) on CPU 1",
         "loads": {
-            k: {"connections": c, "in_flight_per_connection": f} for k, (c, f) in LOADS.items()
+            k: {"connections": c, "in_flight_per_connection": f}
+            for k, (c, f) in LOADS.items()
+            if k in levels
         },
     }
-    out["quic"] = quic
     try:
         assert server.stdout is not None
         ready, _, _ = select.select([server.stdout], [], [], 30)
         if not ready or server.stdout.readline().strip() != b"ready":
             err = server.stderr.read().decode(errors="replace")[-1500:] if server.stderr else ""
             raise RuntimeError(f"the DC server did not start within 30 s: {err}")
-        for level, (conns, inflight) in LOADS.items():
+        for level in levels:
+            conns, inflight = LOADS[level]
             quic[level] = _json_child(
                 _child(
                     "clients",
@@ -374,7 +402,7 @@ def run_dc(work: Path, nodes: int, plans: int, seconds: float) -> dict[str, Any]
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait(5)
-    return out
+    return quic
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -388,6 +416,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--work", type=Path, required=True)
     p.add_argument("--cpu", type=int)
+    p.add_argument("--profile", type=Path, help="cProfile the server into this file")
+    p = sub.add_parser("quic", help="only the QUIC part (a server and its clients)")
+    p.add_argument("--seconds", type=float, default=5.0)
+    p.add_argument("--level", action="append", choices=sorted(LOADS))
+    p.add_argument("--work", type=Path, required=True)
+    p.add_argument("--profile", type=Path, help="cProfile the server into this file")
     p = sub.add_parser("clients")
     p.add_argument("--pki", type=Path, required=True)
     p.add_argument("--port", type=int, required=True)
@@ -401,7 +435,18 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(coordinator_bench(args.nodes, args.plans)))
     elif args.mode == "server":
         _pin(args.cpu)
-        asyncio.run(serve(args.pki, args.port, args.work))
+        if args.profile is None:
+            asyncio.run(serve(args.pki, args.port, args.work))
+        else:
+            import cProfile
+
+            with cProfile.Profile(time.process_time) as prof:
+                asyncio.run(serve(args.pki, args.port, args.work))
+            prof.dump_stats(args.profile)
+    elif args.mode == "quic":
+        args.work.mkdir(parents=True, exist_ok=True)
+        levels = tuple(args.level or LOADS)
+        print(json.dumps(run_quic(args.work, args.seconds, levels, args.profile), indent=2))
     else:
         _pin(args.cpu)
         result = asyncio.run(

@@ -31,7 +31,7 @@ from ntm_proto.pool import PoolExhausted
 from ntm_proto.relay_binding import side_key
 
 from . import gateways
-from .registry import KindConflict, NodeRecord, Registry
+from .registry import KindConflict, NodeRecord, Registry, ip_of
 from .route import EndView, RouteDecision, decide
 
 log = logging.getLogger("ntm.dc")
@@ -147,14 +147,15 @@ class Coordinator:
             self._count("register_refused")
             return ErrorMessage(ErrorCode.NOT_AUTHORIZED, str(exc))
         self._count("registrations")
-        log.info(
-            "registered %s vip=%s seen=%s nat=%s%s",
-            record.label,
-            record.vip,
-            seen,
-            record.behind_nat,
-            f" weight={record.weight}" if record.gateway else "",
-        )
+        if log.isEnabledFor(logging.INFO):  # the arguments cost more than the call
+            log.info(
+                "registered %s vip=%s seen=%s nat=%s%s",
+                record.label,
+                record.vip,
+                seen,
+                record.behind_nat,
+                f" weight={record.weight}" if record.gateway else "",
+            )
         return RegistrationResponse(
             vip=record.vip,
             vip_prefix_len=self.vip_route.prefixlen,
@@ -430,13 +431,14 @@ class Coordinator:
             lifetime=self.path_lifetime,
             relay_key=NO_KEY,
         )
-        log.info(
-            "path %s: %s -> %s kind=%s",
-            path_id.hex(),
-            requester.label,
-            responder.label,
-            decision.kind.name.lower(),
-        )
+        if log.isEnabledFor(logging.INFO):
+            log.info(
+                "path %s: %s -> %s kind=%s",
+                path_id.hex(),
+                requester.label,
+                responder.label,
+                decision.kind.name.lower(),
+            )
         return DirectionPlan(
             path_id, decision.kind, requester, responder, to_requester, to_responder
         )
@@ -450,7 +452,7 @@ def relayed(
 
     def endpoint_for(record: NodeRecord) -> Endpoint | None:
         for ep in relay:
-            if ipaddress.ip_address(ep[0]).version in record.families:
+            if ip_of(ep[0]).version in record.families:
                 return ep
         return None
 

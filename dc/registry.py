@@ -10,6 +10,7 @@ kind is refused while a record of the first kind is still connected.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import ipaddress
 
 from ntm_proto.messages import Endpoint
@@ -53,7 +54,7 @@ class NodeRecord:
     def families(self) -> frozenset[int]:
         """IP families the node can use for tunnels (those it has an address of)."""
         addrs = [a for a, _ in self.reported] + [self.seen[0]]
-        return frozenset(ipaddress.ip_address(a).version for a in addrs)
+        return frozenset(ip_of(a).version for a in addrs)
 
     def public_endpoints(self) -> tuple[Endpoint, ...]:
         """Where others can reach the node's tunnel port.
@@ -63,15 +64,16 @@ class NodeRecord:
         Behind NAT, only its global addresses and the NAT's public address count; the
         latter is a hint, since the NAT's mapping for the tunnel port is unknown.
         """
-        seen_ip = ipaddress.ip_address(self.seen[0])
+        seen_ip = ip_of(self.seen[0])
+        behind_nat = self.behind_nat
         out: list[Endpoint] = []
         for addr, _ in self.reported:
-            ip = ipaddress.ip_address(addr)
+            ip = ip_of(addr)
             if ip.is_link_local or (ip.is_loopback and not seen_ip.is_loopback):
                 continue
-            if not self.behind_nat or _is_global(addr):
+            if not behind_nat or _is_global(addr):
                 out.append((addr, self.tunnel_port))
-        if self.behind_nat and _is_global(self.seen[0]):
+        if behind_nat and _is_global(self.seen[0]):
             out.append((self.seen[0], self.tunnel_port))
         return tuple(out)
 
@@ -79,15 +81,25 @@ class NodeRecord:
         return [addr for addr, _ in self.public_endpoints()]
 
 
+# Parsing an address string is most of what planning a direction costs; every request
+# asks again about the same few addresses. Bounded caches: addresses come from the network.
+@functools.lru_cache(maxsize=8192)
+def ip_of(addr: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """`ipaddress.ip_address`, cached (the objects are immutable)."""
+    return ipaddress.ip_address(addr)
+
+
+# Documentation prefixes count as global here: the lab's "internet" uses them.
+_DOC_NETS = tuple(
+    ipaddress.ip_network(n)
+    for n in ("198.51.100.0/24", "203.0.113.0/24", "192.0.2.0/24", "2001:db8::/32")
+)
+
+
+@functools.lru_cache(maxsize=8192)
 def _is_global(addr: str) -> bool:
-    ip = ipaddress.ip_address(addr)
-    # Documentation prefixes count as global here: the lab's "internet" uses them.
-    doc = (
-        ip in ipaddress.ip_network("198.51.100.0/24")
-        or ip in ipaddress.ip_network("203.0.113.0/24")
-        or ip in ipaddress.ip_network("192.0.2.0/24")
-        or ip in ipaddress.ip_network("2001:db8::/32")
-    )
+    ip = ip_of(addr)
+    doc = any(ip in net for net in _DOC_NETS)
     return doc or (ip.is_global and not ip.is_multicast)
 
 

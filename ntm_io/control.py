@@ -32,6 +32,14 @@ certificate, :func:`connect_control` returns only after the server acknowledged 
 which it does only once it accepted the certificate; a refusal raises
 :class:`ControlRefused`.
 
+Cost per request (what a busy DC pays): sends are batched, not made per stream. A request
+or answer is queued and the connection transmits once at the end of the event-loop pass,
+so everything queued in that pass (and, after reading datagrams, everything they caused)
+shares packets; a pending ACK rides on the next packet with data, and an ACK with nothing
+to ride on waits up to ``ACK_DELAY`` (aioquic would send it alone after 1 ms). This uses
+aioquic internals (``_transmit_soon``, the 1-RTT packet space's ``ack_at``, ``_ack_delay``);
+``tests/unit/test_control.py`` checks that they still work.
+
 Roles: the subject OU of a certificate (see ``ntm_pki.ca``; read here directly because
 ``ntm_io`` does not import ``ntm_pki``). ``peer_names`` are the DNS SANs.
 """
@@ -51,8 +59,9 @@ import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+from aioquic import tls
 from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.asyncio.server import QuicServer
 from aioquic.quic import events
@@ -89,6 +98,10 @@ IDLE_TIMEOUT = 60.0  # a silent peer is declared dead after this
 KEEPALIVE_INTERVAL = 15.0  # well under common NAT UDP binding lifetimes (30 s+)
 CONNECT_TIMEOUT = 10.0
 CLOSE_TIMEOUT = 1.0  # bound on waiting for QUIC's closing period in close()
+# How long an ACK may wait for a packet to ride on (aioquic's default is 1 ms, which makes
+# nearly every ACK a datagram of its own). Below the 25 ms max_ack_delay aioquic announces,
+# so the peer's loss detection already allows for it; set once the handshake is done.
+ACK_DELAY = 0.010
 ROLES = frozenset({"dc", "node", "relay", "adaptor", "lb"})
 
 # Application error codes on RESET_STREAM / STOP_SENDING.
@@ -157,6 +170,8 @@ class _ClientAuthQuicConnection(QuicConnection):
 
 def _check_aioquic_client_auth() -> None:
     """Fail loudly (never silently serve without mTLS) if aioquic changed underneath."""
+    if not hasattr(QuicConnectionProtocol, "_transmit_soon"):
+        raise RuntimeError("aioquic's protocol has no _transmit_soon; unsupported version")
     probe = TlsContext(is_client=False)
     for attr in ("_request_client_certificate", "_peer_certificate", "_peer_certificate_chain"):
         if not hasattr(probe, attr):
@@ -285,7 +300,8 @@ class ControlConnection:
         self.peer_certificate = peer_certificate
         self.peer_role = peer_role
         self.peer_names: frozenset[str] = _dns_names(peer_certificate)
-        self.peer_address: Address = _norm_address(self._quic.get_peer_address())
+        self._raw_peer: Any = self._quic.get_peer_address()
+        self.peer_address: Address = _norm_address(self._raw_peer)
         self.is_client = self._quic.configuration.is_client
         self.on_address_change = on_address_change
         self.closed = asyncio.Event()
@@ -321,7 +337,7 @@ class ControlConnection:
         pending = _Outgoing(self._loop.create_future())
         self._outgoing[stream_id] = pending
         self._quic.send_stream_data(stream_id, bytes(payload), end_stream=True)
-        self._protocol.transmit()
+        self._protocol.send_soon()
         self._count("streams_out")
         try:
             async with asyncio.timeout(timeout):
@@ -446,7 +462,7 @@ class ControlConnection:
             except (ValueError, RuntimeError):
                 log.debug("control stream %d from %r went away before the answer", stream_id, self)
                 return
-            self._protocol.transmit()
+            self._protocol.send_soon()
             self._count("replies_out")
 
     def _refuse_request(self, stream_id: int, code: int, why: str) -> None:
@@ -511,8 +527,9 @@ class ControlConnection:
 
     def _refresh_address(self) -> None:
         addr = self._quic.get_peer_address()
-        if addr is None:
-            return
+        if addr is None or addr == self._raw_peer:
+            return  # every datagram asks; normalising each time cost ~2 % of a busy DC
+        self._raw_peer = addr
         new = _norm_address(addr)
         if new != self.peer_address:
             old, self.peer_address = self.peer_address, new
@@ -588,9 +605,29 @@ class _ControlProtocol(QuicConnectionProtocol):
         self._ready: asyncio.Future[None] = self._loop.create_future()
         self._ready_ping: int | None = None
         self._link: asyncio.DatagramTransport | None = None  # client socket we own
+        self._piggyback = False  # stream data queued: the next transmit carries any ACK
+
+    def send_soon(self) -> None:
+        """Send queued stream data at the end of this loop pass, not now: the answers
+        and requests queued meanwhile share datagrams, and a pending ACK rides along."""
+        self._piggyback = True
+        self._transmit_soon()
+
+    def transmit(self) -> None:
+        if self._piggyback:
+            self._piggyback = False
+            space = self._quic._spaces.get(tls.Epoch.ONE_RTT)
+            if space is not None and space.ack_at is not None:
+                space.ack_at = self._loop.time()  # due now: written into this packet
+        super().transmit()
 
     def datagram_received(self, data: bytes | str, addr: Any) -> None:
-        super().datagram_received(data, addr)
+        # aioquic transmits after every datagram; we do it once at the end of this loop
+        # pass instead, so the answers of handlers that finish at once, the ACKs of all
+        # datagrams read in this pass and anything else due leave in the same packets.
+        self._quic.receive_datagram(cast(bytes, data), addr, now=self._loop.time())
+        self._process_events()
+        self._transmit_soon()
         if self.connection is not None:
             self.connection._refresh_address()
 
@@ -629,6 +666,7 @@ class _ControlProtocol(QuicConnectionProtocol):
         if role is None:
             self._refuse(CLOSE_BAD_CERT, "certificate carries no NTM role (subject OU)")
             return
+        self._quic._ack_delay = ACK_DELAY
         self.connection = ControlConnection(
             self,
             leaf,
@@ -646,7 +684,7 @@ class _ControlProtocol(QuicConnectionProtocol):
         log.warning("control handshake with %s refused: %s", peer and _norm_address(peer), why)
         self._side.refused()
         self._quic.close(error_code=code, frame_type=QuicFrameType.CRYPTO, reason_phrase=why)
-        # transmit() follows in datagram_received, after this event batch
+        # sent by the transmit datagram_received schedules, after this event batch
 
     def _on_terminated(self, event: events.ConnectionTerminated) -> None:
         self.terminated = event

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from aioquic import tls
 from aioquic.asyncio.client import connect as quic_connect
 from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.quic import events
@@ -588,5 +589,45 @@ def test_async_callbacks_are_awaited(pki: Pki) -> None:
 
         async with server(pki, on_connect=on_connect) as srv, client(pki, srv):
             await asyncio.wait_for(pushed.wait(), WAIT)
+
+    run(main())
+
+
+# ---------------------------------------------------------------- fewer datagrams
+
+
+def test_requests_of_one_loop_pass_share_a_datagram_and_answers_carry_the_ack(
+    pki: Pki,
+) -> None:
+    """What makes a busy DC cheaper: sends are batched per loop pass, and an ACK due
+    rides on the next packet with data instead of going as a datagram of its own."""
+
+    async def main() -> None:
+        async with server(pki) as srv, client(pki, srv) as cli:
+            srv_conn = await server_side(srv, "mn1.ntm.example.com")
+            assert cli._quic._ack_delay == srv_conn._quic._ack_delay == control.ACK_DELAY
+            transport = cli._protocol._transport
+            assert transport is not None
+            sent: list[bytes] = []
+            real_sendto = transport.sendto
+
+            def sendto(data: bytes, addr: Any = None) -> None:
+                sent.append(data)
+                real_sendto(data, addr)
+
+            transport.sendto = sendto  # type: ignore[method-assign,assignment]
+            try:
+                answers = await asyncio.gather(
+                    *(cli.request(f"r{i}".encode(), timeout=5) for i in range(8))
+                )
+            finally:
+                del transport.sendto  # back to the class's method
+            assert answers == [f"node:r{i}".encode() for i in range(8)]
+            # The eight requests in one datagram; at most one more, the client's ACK of the
+            # answers if its delay ran out before the check.
+            assert 1 <= len(sent) <= 2, f"{len(sent)} datagrams for 8 requests"
+            # The server's answers carried its ACK of the requests: none is left pending.
+            assert srv_conn._quic._spaces[tls.Epoch.ONE_RTT].ack_at is None
+            assert srv.counters["replies_out"] == 8
 
     run(main())
