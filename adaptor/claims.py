@@ -159,6 +159,21 @@ class ClaimSender:
             log.info("connected to the LB agent %s:%d", self.cfg.agent, self.cfg.port)
         return self.conn
 
+    async def warm(self) -> bool:
+        """Connect now if not connected, so that the first claim after a gateway switch
+        (this NTMA may have held no tunnel until then) costs one round trip, not a QUIC
+        handshake with mutual TLS on top (tens of ms in the LB's return route). True if
+        connected; a failure is recorded in `last_error` and retried by the caller."""
+        if self.connected:
+            return True
+        try:
+            await self._connection()
+        except (TimeoutError, ControlError, OSError) as exc:
+            self.last_error = f"LB agent {self.cfg.agent}:{self.cfg.port}: {exc or 'timeout'}"
+            log.warning("cannot connect to the LB agent ahead of claims: %s", self.last_error)
+            return False
+        return True
+
     async def send_many(self, claims: list[RouteClaim]) -> list[RouteClaimAck | None]:
         """Several claims, BATCH at a time on concurrent streams of the one connection."""
         acks: list[RouteClaimAck | None] = []

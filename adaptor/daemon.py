@@ -39,6 +39,7 @@ from .quality import ProbeQuality, Quality
 log = logging.getLogger("ntm.adaptor")
 
 TICK = 0.25  # seconds between looks at the tunnels when nothing changed (expiry, retries)
+WARM_RETRY = 5.0  # seconds between attempts to connect to an unreachable LB agent while idle
 PROBE_INTERVAL = 1.0  # seconds between probes on each tunnel, for the gateway report
 MAX_PROBES_PER_ROUND = 256  # with more tunnels, a random sample of them each round
 U32_MAX = 0xFFFFFFFF
@@ -134,13 +135,16 @@ class AdaptorDaemon(NodeDaemon):
         return out
 
     async def _claim_loop(self) -> None:
-        assert self.tracker is not None
+        assert self.tracker is not None and self.sender is not None
+        warm_at = 0.0
         while True:
             try:
-                claims = self.tracker.update(
-                    self.tunnels(), time.monotonic(), time.time_ns() // 1_000_000
-                )
+                now = time.monotonic()
+                claims = self.tracker.update(self.tunnels(), now, time.time_ns() // 1_000_000)
                 await self._send_all(claims)
+                if not claims and now >= warm_at and not self.sender.connected:
+                    # keep the connection up while idle (see ClaimSender.warm)
+                    warm_at = now + (0.0 if await self.sender.warm() else WARM_RETRY)
             except asyncio.CancelledError:
                 raise
             except Exception:

@@ -18,7 +18,7 @@ import logging
 import socket
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ntm_io.tun import run_sync_netlink
@@ -59,10 +59,17 @@ class AddressSet:
     ipv6: tuple[str, ...] = ()
     has_default_route_v4: bool = False
     has_default_route_v6: bool = False
+    # (address, interface name) of each usable address: a multihomed node names its
+    # uplinks by interface. Not compared: the addresses are what changes mean.
+    interfaces: tuple[tuple[str, str], ...] = field(default=(), compare=False)
 
     @property
     def all(self) -> tuple[str, ...]:
         return self.ipv4 + self.ipv6
+
+    def interface_of(self) -> dict[str, str]:
+        """address -> interface name, for the usable addresses."""
+        return dict(self.interfaces)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly form for status output."""
@@ -80,15 +87,18 @@ def build_address_set(
     """Pure selection logic over pyroute2 link/addr/route messages (testable offline)."""
     ignore = set(ignore_ifaces)
     usable_links: set[int] = set()
+    names: dict[int, str] = {}
     for link in links:
         flags = int(link["flags"])
         if link.get("IFLA_IFNAME") in ignore or flags & IFF_LOOPBACK:
             continue
         if flags & IFF_UP and flags & IFF_RUNNING:
             usable_links.add(int(link["index"]))
+            names[int(link["index"])] = str(link.get("IFLA_IFNAME") or "")
 
     v4: set[ipaddress.IPv4Address] = set()
     v6: set[ipaddress.IPv6Address] = set()
+    iface: dict[str, str] = {}
     for msg in addrs:
         if msg["index"] not in usable_links or msg["scope"] != RT_SCOPE_UNIVERSE:
             continue
@@ -106,6 +116,7 @@ def build_address_set(
             v4.add(ip)
         else:
             v6.add(ip)
+        iface[str(ip)] = names.get(int(msg["index"]), "")
 
     default = {socket.AF_INET: False, socket.AF_INET6: False}
     for rt in routes:
@@ -127,6 +138,7 @@ def build_address_set(
         ipv6=tuple(str(a) for a in sorted(v6)),
         has_default_route_v4=default[socket.AF_INET],
         has_default_route_v6=default[socket.AF_INET6],
+        interfaces=tuple(sorted(iface.items())),
     )
 
 

@@ -42,6 +42,10 @@ class NodeConfig:
     keepalive_interval: float  # derived: a quiet path says something before NATs forget it
     # One tunnel socket per address instead of the wildcard (a host with several uplinks).
     tunnel_addresses: tuple[str, ...] = ()
+    # Keep every path ready on each tunnel address, preferred in the order listed, and move
+    # traffic between them make-before-break (ntm_node/multihome.py).
+    make_before_break: bool = False
+    standby_interval: float = 1.0  # s between standby probes on each unused leg
     # Gateway failover (docs/failover.md): every timer derives from allowed_outage.
     allowed_outage: float = 1.0  # A, seconds
     switch_time_estimate: float = 0.3  # C until the node has measured its own
@@ -87,6 +91,8 @@ def load(path: str | Path) -> NodeConfig:
         nat_timeout=(nat := node.number("nat_timeout", 30.0, lo=2.0)),
         keepalive_interval=keepalive_for(nat),
         tunnel_addresses=_tunnel_addresses(node),
+        make_before_break=node.flag("make_before_break", False),
+        standby_interval=node.number("standby_interval", 1.0, lo=0.05),
         allowed_outage=node.number("allowed_outage", 1.0, lo=0.01),
         switch_time_estimate=node.number("switch_time_estimate", 0.3, lo=0.0),
         dead_after_losses=node.integer("dead_after_losses", 8, 1, 64),
@@ -113,6 +119,17 @@ def load(path: str | Path) -> NodeConfig:
         raise ConfigError(
             f"[node] {problem}; raise allowed_outage, or lower switch_time_estimate if your "
             "paths build faster (ntm status shows the measured switch time)"
+        )
+    if cfg.make_before_break and len(cfg.tunnel_addresses) < 2:
+        raise ConfigError(
+            "[node] make_before_break = true needs two or more tunnel_addresses (one per "
+            f"uplink, best first); it has {len(cfg.tunnel_addresses)}"
+        )
+    if cfg.standby_interval > cfg.keepalive_interval:
+        raise ConfigError(
+            f"[node] standby_interval = {cfg.standby_interval:g} s is longer than the "
+            f"keepalive interval {cfg.keepalive_interval:g} s (from nat_timeout): a standby "
+            "leg would lose its NAT binding; lower standby_interval"
         )
     if not cfg.dc_addresses:
         raise ConfigError("[dc] addresses is empty; list the DC's IPv4 and/or IPv6 addresses")

@@ -26,6 +26,7 @@ from ntm_proto.messages import (
     RouteDirection,
     RouteDirectionAck,
 )
+from ntm_proto.multihome import MultihomePolicy
 from ntm_proto.path import PathState, TunnelPath
 
 from . import dns_redirect, dns_server
@@ -34,6 +35,7 @@ from .dc_client import DcClient, DirectionError
 from .dns_server import StubResolver
 from .engine import PathError, TunnelEngine
 from .failover import FailoverManager, probe_other_families
+from .multihome import MultihomeManager
 from .renewal import PathRenewer
 
 log = logging.getLogger("ntm.node")
@@ -90,6 +92,12 @@ class NodeDaemon:
         self.renewal = PathRenewer(
             self.engine, lambda fqdn, gateway: self.dc.request_direction(fqdn, gateway=gateway)
         )
+        # Several uplinks, each path ready on all of them (make-before-break).
+        self.multihome: MultihomeManager | None = None
+        if config.make_before_break:
+            policy = MultihomePolicy(config.tunnel_addresses, config.standby_interval)
+            policy.set_available(self.addresses.interface_of())
+            self.multihome = MultihomeManager(self.engine, policy)
         self.tun: TunDevice | None = None
         self.resolver: StubResolver | None = None
         self.watcher: AddressWatcher | None = None
@@ -128,6 +136,9 @@ class NodeDaemon:
         self._spawn(self.dc.run())
         self._spawn(self.failover.run())
         self._spawn(self.renewal.run())
+        if self.multihome is not None:
+            self.multihome.policy.set_available(self.addresses.interface_of())
+            self._spawn(self.multihome.run())
 
     async def start(self) -> None:
         cfg = self.config
@@ -154,6 +165,8 @@ class NodeDaemon:
                 )
         self._closers.append(await serve_status(cfg.status_socket, self.status))
         admin = {"forget-paths": self.forget_paths}
+        if self.multihome is not None:
+            admin["prefer"] = self.multihome.prefer
         self._closers.append(await serve_admin(admin_socket_path(cfg.status_socket), admin))
         log.info("node %s (%s) started; tunnel port %d", cfg.name, cfg.fqdn, cfg.tunnel_port)
 
@@ -225,9 +238,9 @@ class NodeDaemon:
         self.engine.add_path(rd)
         await self.engine.wait_established(rd.path_id, self.config.dns.direction_timeout)
         if rd.gateway:
-            # Direction round trip + handshake with a gateway: what a switch costs (C).
-            self.failover.record_switch_time(time.monotonic() - started)
-            self.failover.wake()
+            # Direction round trip + handshake with a gateway, and until traffic comes
+            # back through it: what a switch costs (C).
+            self.failover.path_built(rd.path_id, started)
         return rd.peer_vip
 
     async def _refresh_paths(self) -> None:
@@ -258,6 +271,12 @@ class NodeDaemon:
     def _addresses_changed(self, addresses: AddressSet) -> None:
         log.info("addresses now v4=%s v6=%s", list(addresses.ipv4), list(addresses.ipv6))
         self.addresses = addresses
+        # With several uplinks the paths move to another leg at once; when every one of
+        # them still has a leg, nothing needs rebuilding (and no silence is coming).
+        covered = self.multihome is not None and self.multihome.addresses_changed(addresses)
+        if covered:
+            self.dc.addresses_changed()
+            return
         # Our own move silences paths for a while: not a gateway failure.
         self.failover.pause(time.monotonic())
         if not addresses.all:
@@ -304,9 +323,11 @@ class NodeDaemon:
             "paths": self.engine.status(),
             "tunnel_addresses": list(self.config.tunnel_addresses),
             "failover": self.failover.status(),
+            "multihome": self.multihome.status() if self.multihome is not None else None,
             "renewal": self.renewal.status(),
             "counters": {
                 "engine": dict(self.engine.counters),
+                "multihome": dict(self.multihome.counters) if self.multihome else {},
                 "tunnel": dict(self.engine.endpoint.counters),
                 "dc": dict(self.dc.counters),
                 "dns": dict(self.resolver.counters) if self.resolver else {},

@@ -13,6 +13,8 @@ Sockets: by default one wildcard socket per family. With `addresses` (`[node]
 tunnel_addresses`, a host with several uplinks) one socket per address instead, and each
 path sends from the socket its latest authenticated packet arrived on, so a reply leaves
 by the uplink the request came in on (split access, with `ip rule from <address>`).
+A multihomed node (`ntm_node.multihome`) instead chooses each path's socket itself
+(`use_leg`) and keeps its other sockets ready with standby probes (`send_standby`).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from ntm_proto.path import (
     PathState,
     PeerAddressChanged,
     ProbeResult,
+    StandbyProbeResult,
     TunnelPath,
 )
 from ntm_proto.relay_binding import BindingType, RelayBinder
@@ -53,6 +56,7 @@ BIND_ACK = bytes([BindingType.BIND_ACK])
 IP_FREEBIND = 15  # linux/in.h; bind an address that is not (yet) configured, e.g. tentative v6
 
 ProbeListener = Callable[[bytes, ProbeResult], None]
+StandbyListener = Callable[[bytes, StandbyProbeResult], None]
 SendListener = Callable[[list[TunnelPath], float], None]  # the paths that sealed data, and when
 
 
@@ -88,7 +92,11 @@ class TunnelEngine:
         self._bound: list[socket.socket] = []  # every socket we read
         # path id -> the socket its latest authenticated packet came in on (with addresses)
         self._path_sock: dict[bytes, socket.socket] = {}
+        # path id -> the socket a multihomed node chose for it (wins over _path_sock)
+        self._leg_sock: dict[bytes, socket.socket] = {}
+        self._by_address: dict[str, socket.socket] = {}  # with addresses: address -> socket
         self.probe_listeners: list[ProbeListener] = []
+        self.standby_listeners: list[StandbyListener] = []
         self.send_listeners: list[SendListener] = []  # failover without idle probing
         # inner destination address (packed) -> the path that carries it now
         self._route: dict[bytes, TunnelPath] = {}
@@ -136,6 +144,8 @@ class TunnelEngine:
                 ) from exc
             self._socks.setdefault(family, sock)
             self._bound.append(sock)
+            if self.addresses:
+                self._by_address[host] = sock
             self._loop.add_reader(sock.fileno(), self._on_udp, sock)
 
     def attach_tun(self, tun: PacketDevice, local_vip: str) -> None:
@@ -161,6 +171,8 @@ class TunnelEngine:
         self._socks.clear()
         self._bound.clear()
         self._path_sock.clear()
+        self._leg_sock.clear()
+        self._by_address.clear()
         if self._timer:
             self._timer.cancel()
 
@@ -257,6 +269,7 @@ class TunnelEngine:
         rd = self._meta.pop(path_id, None)
         self._peer_vip.pop(path_id, None)
         self._path_sock.pop(path_id, None)
+        self._leg_sock.pop(path_id, None)
         self._drop_binder(path_id)
         if rd is not None:
             key = ipaddress.IPv4Address(rd.peer_vip).packed
@@ -274,6 +287,56 @@ class TunnelEngine:
         for path in list(self.endpoint.paths):
             path.set_local_address_changed(now, wall)
         self._flush()
+
+    # --- several uplinks (make-before-break) ----------------------------------------------
+
+    def local_address_of(self, path_id: bytes) -> str | None:
+        """The local address a path sends from now; None when it is a wildcard socket."""
+        path = self.endpoint.path(path_id)
+        if path is None or path.peer_address is None:
+            return None
+        sock = self._sock_for(path_id, path.peer_address)
+        if sock is None:
+            return None
+        host = str(sock.getsockname()[0])
+        return None if host in ("0.0.0.0", "::") else host
+
+    def send_standby(self, path_id: bytes, local: str, to: Endpoint, now: float) -> int | None:
+        """One StandbyProbe from the socket of `local` to `to`: its seq, None if not sent."""
+        path = self.endpoint.path(path_id)
+        sock = self._by_address.get(local)
+        if path is None or sock is None:
+            return None
+        probe = path.standby_probe(now, to)
+        if probe is None:
+            return None
+        seq, datagram = probe
+        try:
+            sock.sendto(datagram, to)
+        except OSError as exc:  # the leg's link is down: that is what the probe finds out
+            self._count("standby_tx_errors")
+            log.debug("standby probe %s -> %s failed: %s", local, to, exc)
+            return None
+        self._count("standby_probes")
+        return seq
+
+    def use_leg(self, path_id: bytes, local: str, to: Endpoint, now: float, hold: float) -> bool:
+        """Send the path's traffic from the socket of `local` to `to` from now on; the peer
+        follows on the Keepalive this sends at once."""
+        path = self.endpoint.path(path_id)
+        sock = self._by_address.get(local)
+        if path is None or sock is None:
+            return False
+        previous = self._leg_sock.get(path_id)
+        self._leg_sock[path_id] = sock
+        if not path.move_to(to, now, hold):
+            if previous is None:
+                self._leg_sock.pop(path_id, None)
+            else:
+                self._leg_sock[path_id] = previous
+            return False
+        self._flush()
+        return True
 
     # --- data path -----------------------------------------------------------------------
 
@@ -381,6 +444,11 @@ class TunnelEngine:
                     result = receive(data, src, now, wall)
                     if known is not None and known.last_received != heard:
                         self._path_sock[known.path_id] = sock  # it authenticated: answer here
+                    elif known is not None and result is None:
+                        # A standby probe (it moves no pin): its answer leaves by the
+                        # uplink the probe came in on.
+                        for out, to in known.datagrams_to_send(now):
+                            self._send_from(sock, out, to)
                 else:
                     result = receive(data, src, now, wall)
                 if result is None:  # not DATA (or dropped): it may have queued an answer
@@ -431,6 +499,10 @@ class TunnelEngine:
         """The socket toward `addr`: the one the path's peer last reached us on (with
         `addresses`), else the default one of its family."""
         family = socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
+        if self._leg_sock:
+            sock = self._leg_sock.get(path_id)
+            if sock is not None and sock.family == family:
+                return sock
         if self._path_sock:
             sock = self._path_sock.get(path_id)
             if sock is not None and sock.family == family:
@@ -443,6 +515,9 @@ class TunnelEngine:
         if sock is None:
             self._count("tx_dropped_no_family")
             return
+        self._send_from(sock, data, addr)
+
+    def _send_from(self, sock: socket.socket, data: bytes, addr: Endpoint) -> None:
         try:
             sock.sendto(data, addr)
         except (BlockingIOError, InterruptedError):
@@ -544,8 +619,13 @@ class TunnelEngine:
             elif isinstance(event, PathIdle) and path_id in self._binders:
                 now, wall = time.monotonic(), time.time_ns()
                 self._binders[path_id].bind(now, wall)  # the relay may have lost us
-            elif isinstance(event, ProbeResult):
-                for listener in self.probe_listeners:
+            elif isinstance(event, ProbeResult | StandbyProbeResult):
+                listeners: list[Any] = (
+                    self.probe_listeners
+                    if isinstance(event, ProbeResult)
+                    else self.standby_listeners
+                )
+                for listener in listeners:
                     try:
                         listener(path_id, event)
                     except Exception:  # a listener's bug must not stop the data path
@@ -570,6 +650,7 @@ class TunnelEngine:
         self._meta.pop(path_id, None)
         self._peer_vip.pop(path_id, None)
         self._path_sock.pop(path_id, None)
+        self._leg_sock.pop(path_id, None)
         self._drop_binder(path_id)
 
     def _drop_binder(self, path_id: bytes) -> None:
@@ -592,7 +673,10 @@ class TunnelEngine:
                     "peer_address": list(path.peer_address) if path.peer_address else None,
                     "local_address": (
                         sock.getsockname()[0]
-                        if (sock := self._path_sock.get(path.path_id))
+                        if (
+                            sock := self._leg_sock.get(path.path_id)
+                            or self._path_sock.get(path.path_id)
+                        )
                         else None
                     ),
                     "relay": (

@@ -60,6 +60,7 @@ MAX_WAIT = 1.0  # s: the loop looks at the engine at least this often
 UPLINK_TRIAL_MIN = 0.05  # s: the least time another address of the gateway gets to answer
 UPLINK_TRIAL_RTTS = 3  # round trips it gets on a slower path
 EVENTS_KEPT = 50
+TRAFFIC_POLL = 0.01  # s: how often a new gateway path is looked at for its first traffic
 PAUSE_MAX = 35.0  # s: the longest the node's own move may hold failover back
 
 RequestDirection = Callable[[str, str], Awaitable[RouteDirection]]
@@ -161,6 +162,8 @@ class FailoverManager:
         self._due = float("inf")
         self._reported_problem: str | None = None
         self._paused_until = 0.0
+        # path id -> (asked for, established, rx packets then): see path_built
+        self._builds: dict[bytes, tuple[float, float, int]] = {}
         engine.probe_listeners.append(self._on_probe)
         if not probe_idle:
             engine.send_listeners.append(self._on_data_sent)
@@ -183,6 +186,36 @@ class FailoverManager:
         if problem and problem != self._reported_problem:
             log.error("%s; detection uses the minimum %.3f s", problem, self.timers.detection)
         self._reported_problem = problem
+
+    def path_built(self, path_id: bytes, started: float) -> None:
+        """A gateway path asked for at `started` is established now. What the application
+        sees of a switch lasts until the first packet comes back through the new path: it
+        crossed the new gateway and the LB's route back, which follows only once that
+        gateway's claim for our vIP has landed. So C is measured up to the first
+        authenticated packet after establishment, if one arrives within one probe interval
+        P (a later one may answer our own probe, which needs no LB route); otherwise C is
+        the build alone (direction round trip + handshake). The gateway's own Keepalive
+        that confirms the new key (ntm_proto.path) comes first and needs no LB route: it
+        is not counted."""
+        path = self.engine.endpoint.path(path_id)
+        rx = path.counters["rx_packets"] if path is not None else 0
+        self._builds[path_id] = (started, self.clock(), rx)
+        self.wake()
+
+    def _measure_builds(self, now: float) -> float | None:
+        """Turn built paths into C samples (path_built); the next look while any wait."""
+        window = self.timers.probe_interval
+        for pid, (started, built, rx) in list(self._builds.items()):
+            path = self.engine.endpoint.path(pid)
+            if path is not None and path.counters["rx_packets"] > rx + 1:
+                heard = path.last_received
+                self.record_switch_time((heard if heard <= built + window else built) - started)
+            elif path is None or now >= built + window:
+                self.record_switch_time(built - started)
+            else:
+                continue
+            del self._builds[pid]
+        return now + TRAFFIC_POLL if self._builds else None
 
     def wake(self) -> None:
         """Look at the engine now (a path was built, a task ended)."""
@@ -246,13 +279,14 @@ class FailoverManager:
 
     def step(self, now: float) -> float:
         """Look at every watched path once; returns the seconds until the next look."""
+        measuring = self._measure_builds(now) if self._builds else None
         self._sync(now)
         if self._paused_until:
             if now < self._paused_until:
-                return min(MAX_WAIT, self._paused_until - now)
+                return min(MAX_WAIT, self._paused_until - now, (measuring or now + MAX_WAIT) - now)
             self.resume(now)
         sent = False
-        wakeups = [now + MAX_WAIT]
+        wakeups = [now + MAX_WAIT] if measuring is None else [now + MAX_WAIT, measuring]
         for w in self._watches.values():
             timers = self.timers_for(w)
             sent |= self._step_one(w, now, timers)
@@ -472,6 +506,7 @@ class FailoverManager:
                 return None  # the DC still sends us to the one we left
             self.engine.add_path(rd, handshake_retry=HANDSHAKE_RETRY)
             await self.engine.wait_established(rd.path_id, SWITCH_TIMEOUT)
+            self.path_built(rd.path_id, t0)
         except (DirectionError, PathError, TimeoutError, LocalProtocolError) as exc:
             log.info("%s via %s: %s", service, gateway or "the DC's choice", exc or "timeout")
             if rd is not None and self.engine.endpoint.path(rd.path_id) is not None:
@@ -481,7 +516,6 @@ class FailoverManager:
             if rd is not None and self.engine.endpoint.path(rd.path_id) is not None:
                 self.engine.remove_path(rd.path_id)
             raise
-        self.record_switch_time(self.clock() - t0)
         return rd
 
     async def _failback(self, w: _Watch, gateway: str) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import ipaddress
 import struct
 from typing import Any, ClassVar, TypeVar, cast
@@ -57,6 +58,8 @@ class MsgType(enum.IntEnum):
     KEEPALIVE = 18
     PROBE = 19
     PROBE_ACK = 20
+    STANDBY_PROBE = 21
+    STANDBY_PROBE_ACK = 22
 
 
 class RouteKind(enum.IntEnum):
@@ -226,6 +229,7 @@ class Text(Kind):
             raise FieldError(field, "not UTF-8") from None
 
 
+@functools.lru_cache(maxsize=4096)  # a DC checks the same few names on every message
 def check_fqdn(name: str) -> str | None:
     """Why `name` is not an acceptable FQDN, or None. Lower-case, no trailing dot."""
     if not name or len(name) > MAX_FQDN:
@@ -310,21 +314,31 @@ class IP(Kind):
             out.append(0)
             return
         try:
-            addr = ipaddress.ip_address(value)
+            out += _ip_wire(value)
         except (ValueError, TypeError):
             raise LocalProtocolError(f"{field}: {value!r} is not an IP address") from None
-        out.append(addr.version)
-        out += addr.packed
 
     def decode(self, r: Reader, field: str) -> Any:
         family = r.take(1, field)[0]
         if family == 0 and self.optional:
             return None
         if family == 4:
-            return str(ipaddress.IPv4Address(r.take(4, field)))
+            return _ip_text(r.take(4, field))
         if family == 6:
-            return str(ipaddress.IPv6Address(r.take(16, field)))
+            return _ip_text(r.take(16, field))
         raise FieldError(field, f"address family {family} is neither 4 nor 6")
+
+
+# Parsing and printing addresses was a tenth of a busy DC's work; the same few recur.
+@functools.lru_cache(maxsize=4096)
+def _ip_wire(value: Any) -> bytes:
+    addr = ipaddress.ip_address(value)
+    return bytes((addr.version,)) + addr.packed
+
+
+@functools.lru_cache(maxsize=4096)
+def _ip_text(packed: bytes) -> str:
+    return str(ipaddress.ip_address(packed))
 
 
 class EndpointKind(Kind):
@@ -575,6 +589,23 @@ class ProbeAck(Message):
     sent_us: int = wire(U64)
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class StandbyProbe(Message):
+    """A Probe on a standby leg (a node with two uplinks): answered to where it came from,
+    and never moves the path there (tunnel roaming ignores it)."""
+
+    TYPE = MsgType.STANDBY_PROBE
+    seq: int = wire(U32)
+    sent_us: int = wire(U64)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StandbyProbeAck(Message):
+    TYPE = MsgType.STANDBY_PROBE_ACK
+    seq: int = wire(U32)
+    sent_us: int = wire(U64)
+
+
 M = TypeVar("M", bound=Message)
 
 MESSAGE_TYPES: dict[MsgType, type[Message]] = {
@@ -596,19 +627,24 @@ MESSAGE_TYPES: dict[MsgType, type[Message]] = {
         Keepalive,
         Probe,
         ProbeAck,
+        StandbyProbe,
+        StandbyProbeAck,
     )
 }
 
-_FIELDS: dict[type[Message], tuple[tuple[str, Kind], ...]] = {
-    cls: tuple((f.name, f.metadata["wire"]) for f in dataclasses.fields(cls))
+# (attribute, wire kind, "Class.attribute" for error messages) of every field, in order.
+_FIELDS: dict[type[Message], tuple[tuple[str, Kind, str], ...]] = {
+    cls: tuple(
+        (f.name, f.metadata["wire"], f"{cls.__name__}.{f.name}") for f in dataclasses.fields(cls)
+    )
     for cls in MESSAGE_TYPES.values()
 }
 
 
 def encode(msg: Message) -> bytes:
     body = bytearray()
-    for name, kind in _FIELDS[type(msg)]:
-        kind.encode(getattr(msg, name), f"{type(msg).__name__}.{name}", body)
+    for name, kind, label in _FIELDS[type(msg)]:
+        kind.encode(getattr(msg, name), label, body)
     if len(body) > MAX_BODY:
         raise LocalProtocolError(f"{type(msg).__name__} body of {len(body)} bytes is too large")
     return HEADER.pack(VERSION, msg.TYPE, len(body)) + body
@@ -630,7 +666,7 @@ def decode(data: bytes) -> Message:
     if len(data) - HEADER.size != length:
         raise LengthError(f"header says {length} body bytes, got {len(data) - HEADER.size}")
     reader = Reader(data[HEADER.size :])
-    values = {name: kind.decode(reader, f"{cls.__name__}.{name}") for name, kind in _FIELDS[cls]}
+    values = {name: kind.decode(reader, label) for name, kind, label in _FIELDS[cls]}
     if reader.pos != length:
         raise LengthError(f"{length - reader.pos} trailing bytes after {cls.__name__}")
     return cls(**values)
@@ -677,6 +713,8 @@ __all__ = [
     "RouteDirection",
     "RouteDirectionAck",
     "RouteKind",
+    "StandbyProbe",
+    "StandbyProbeAck",
     "TunnelRequest",
     "TunnelResponse",
     "decode",

@@ -47,8 +47,14 @@ Roaming. A DATA or CONTROL packet from an outer address other than `peer_address
 the path there only if it authenticates, passes the replay window and carries a counter
 above every counter seen so far under the key the peer currently sends with, so neither a
 spoofed packet nor a replayed or delayed one can take the tunnel away; PeerAddressChanged
-is emitted. `set_local_address_changed` sends an authenticated Keepalive at once so the
-peer learns our new address without waiting for traffic.
+is emitted. A StandbyProbe / StandbyProbeAck (CONTROL) is the exception: a node with
+two uplinks keeps its unused one ready with them (`standby_probe`), so they move nothing,
+and do not count as life either (`last_received` is the leg in use); the answer goes back
+to the address the probe came from. `move_to` is a local move (the node switches uplink):
+the peer follows on our next packet, and the address we left cannot move us back for a
+while (packets the peer sent there before it learned). `set_local_address_changed` sends
+an authenticated Keepalive at once so the peer learns our new address without waiting
+for traffic.
 
 Keepalives: an established path that has sent nothing for `keepalive_interval` sends a
 Keepalive (holds NAT bindings). Probes: `send_probe` sends a Probe, the peer answers with a
@@ -93,6 +99,8 @@ from .messages import (
     PathRole,
     Probe,
     ProbeAck,
+    StandbyProbe,
+    StandbyProbeAck,
     TunnelRequest,
     TunnelResponse,
     decode,
@@ -105,6 +113,9 @@ _CONTROL = int(PacketType.CONTROL)
 _INIT = int(PacketType.HANDSHAKE_INIT)
 _RESP = int(PacketType.HANDSHAKE_RESP)
 _KEEPALIVE = encode(Keepalive())
+# CONTROL messages of a standby leg (byte 1 of the plaintext is the message type): they
+# prove that leg works, but neither move the path nor count as its life.
+_STANDBY = frozenset((int(StandbyProbe.TYPE), int(StandbyProbeAck.TYPE)))
 MAX_OUTSTANDING_PROBES = 64
 
 
@@ -246,6 +257,13 @@ class ProbeResult(PathEvent):
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class StandbyProbeResult(PathEvent):
+    seq: int
+    rtt: float  # seconds
+    peer: Endpoint  # the peer address that answered (on the standby leg)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class PathIdle(PathEvent):
     path_id: bytes
     silent_for: float  # seconds since the last authenticated packet
@@ -306,6 +324,10 @@ class TunnelPath:
         self._idle_reported = False
         self._probe_seq = 0
         self._probes: dict[int, float] = {}
+        # After a local move (`move_to`): the address we left may not move us back until
+        # `_left_until` (packets the peer sent there before it learned of the move).
+        self._left: Endpoint | None = None
+        self._left_until = float("-inf")
         # The initiator rekeys when either direction's counter reaches the budget; the
         # responder only stops at the hard limit (see the module docstring).
         budget = config.rekey_after_packets if self._initiator else REJECT_AFTER_MESSAGES
@@ -401,11 +423,7 @@ class TunnelPath:
         None when not established."""
         if self.state is not PathState.ESTABLISHED:
             return None
-        seq = self._probe_seq
-        self._probe_seq = (seq + 1) & 0xFFFFFFFF
-        self._probes[seq] = now
-        if len(self._probes) > MAX_OUTSTANDING_PROBES:
-            del self._probes[next(iter(self._probes))]  # forget the oldest unanswered
+        seq = self._next_probe_seq(now)
         sent_us = max(0, int(now * 1_000_000)) & 0xFFFFFFFFFFFFFFFF
         self._send_control(encode(Probe(seq=seq, sent_us=sent_us)), now, to)
         return seq
@@ -417,6 +435,38 @@ class TunnelPath:
         established. Nothing changes until an authenticated answer comes from `endpoint`.
         """
         return self.send_probe(now, to=endpoint)
+
+    def standby_probe(self, now: float, to: Endpoint) -> tuple[int, bytes] | None:
+        """(seq, datagram) of a StandbyProbe for `to`, returned instead of queued: the
+        caller sends it on the standby leg (another local address). Its answer arrives as
+        a StandbyProbeResult with that seq; neither moves the path nor counts as its life.
+        None when not established."""
+        if self.state is not PathState.ESTABLISHED:
+            return None
+        seq = self._next_probe_seq(now)
+        sent_us = max(0, int(now * 1_000_000)) & 0xFFFFFFFFFFFFFFFF
+        datagram = self._seal_control(encode(StandbyProbe(seq=seq, sent_us=sent_us)))
+        if datagram is None:
+            return None
+        self._tx_packets += 1
+        self._tx_bytes += len(datagram)
+        return seq, datagram
+
+    def move_to(self, endpoint: Endpoint, now: float, hold: float) -> bool:
+        """Local policy moves the path to `endpoint` (make-before-break onto a leg known to
+        work): what we send goes there from now on, and an authenticated Keepalive leaves
+        at once so the peer follows on its first packet. Packets still arriving from the
+        address we left are accepted but do not move us back for `hold` seconds. Also call
+        it with the same endpoint when only our local address changes (the Keepalive tells
+        the peer). False when not established."""
+        if self.state is not PathState.ESTABLISHED:
+            return False
+        old = self._peer_address
+        if endpoint != old:
+            self._left, self._left_until = old, now + hold
+            self._move_peer(endpoint)
+        self._send_control(_KEEPALIVE, now)
+        return True
 
     def set_local_address_changed(self, now: float, wall_ns: int) -> None:
         """Our outer address changed: tell the peer at once with authenticated packets."""
@@ -470,18 +520,20 @@ class TunnelPath:
             plaintext = recv.open(data, counter)  # raises ReplayError/AuthenticationError
             self._rx_packets += 1
             self._rx_bytes += n
-            self._last_received = now
-            self._idle_reported = False
+            standby = ptype == _CONTROL and len(plaintext) > 1 and plaintext[1] in _STANDBY
+            if not standby:
+                self._last_received = now
+                self._idle_reported = False
             if (
                 s is not self._current
                 or not s.peer_used
                 or addr != self._peer_address
                 or counter >= self._rx_budget
             ):
-                self._after_transport(s, newest, counter, addr, now, wall_ns)
+                self._after_transport(s, newest, counter, addr, now, wall_ns, roam=not standby)
             if ptype == _DATA:
                 return plaintext
-            self._on_control(plaintext, now)
+            self._on_control(plaintext, addr, now)
             return None
         except RemoteProtocolError as exc:
             reason = error_reason(exc)
@@ -516,11 +568,21 @@ class TunnelPath:
         raise UnknownEpoch(f"no key for epoch {epoch}")
 
     def _after_transport(
-        self, s: _Session, newest: bool, counter: int, addr: Endpoint, now: float, wall_ns: int
+        self,
+        s: _Session,
+        newest: bool,
+        counter: int,
+        addr: Endpoint,
+        now: float,
+        wall_ns: int,
+        *,
+        roam: bool,
     ) -> None:
-        """The rare cases after an authenticated transport packet (off the fast path)."""
+        """The rare cases after an authenticated transport packet (off the fast path);
+        `roam` False: a standby leg's packet, which never moves the path."""
+        newest = newest and roam
         if s is self._next:
-            self._promote(addr, now)
+            self._promote(addr, now, roam=roam)
             return
         cur = self._current
         if s is cur:
@@ -530,30 +592,39 @@ class TunnelPath:
                     self._previous_expires = min(
                         self._previous_expires, now + self.config.old_key_grace
                     )
-            if newest and addr != self._peer_address:
+            if newest and addr != self._peer_address and self._may_roam(addr, now):
                 self._move_peer(addr)
             if counter >= self._rx_budget and self._pending is None:
                 self._start_handshake(now, wall_ns, new_round=True)
         elif cur is not None and not cur.peer_used:
             # An old-key packet while the peer has not switched: it is still the key the
             # peer sends with, so it may roam; and our confirmation may have been lost.
-            if newest and addr != self._peer_address:
+            if newest and addr != self._peer_address and self._may_roam(addr, now):
                 self._move_peer(addr)
             if now - self._confirm_sent_at >= self.config.handshake_retry:
                 self._send_confirmation(now)
 
-    def _on_control(self, plaintext: bytes, now: float) -> None:
+    def _on_control(self, plaintext: bytes, addr: Endpoint, now: float) -> None:
         msg = decode(plaintext)
         if isinstance(msg, Keepalive):
             return  # its work (liveness, roaming) is done by authenticating it
         if isinstance(msg, Probe):
             self._send_control(encode(ProbeAck(seq=msg.seq, sent_us=msg.sent_us)), now)
-        elif isinstance(msg, ProbeAck):
+        elif isinstance(msg, ProbeAck | StandbyProbeAck):
             sent = self._probes.pop(msg.seq, None)
             if sent is None:
                 self._drops["stale_probe_ack"] = self._drops.get("stale_probe_ack", 0) + 1
-            else:
+            elif isinstance(msg, ProbeAck):
                 self._events.append(ProbeResult(seq=msg.seq, rtt=now - sent))
+            else:
+                self._events.append(StandbyProbeResult(seq=msg.seq, rtt=now - sent, peer=addr))
+        elif isinstance(msg, StandbyProbe):
+            # Back the way it came (the standby leg), without touching `_last_sent`: the
+            # leg in use keeps its own keepalives.
+            ack = encode(StandbyProbeAck(seq=msg.seq, sent_us=msg.sent_us))
+            datagram = self._seal_control(ack)
+            if datagram is not None:
+                self._queue(datagram, addr)
         else:
             raise UnexpectedPacket(f"{type(msg).__name__} inside a CONTROL packet")
 
@@ -739,7 +810,19 @@ class TunnelPath:
             self._rekey_due_at = now
         return False
 
-    def _promote(self, addr: Endpoint, now: float) -> None:
+    def _next_probe_seq(self, now: float) -> int:
+        seq = self._probe_seq
+        self._probe_seq = (seq + 1) & 0xFFFFFFFF
+        self._probes[seq] = now
+        if len(self._probes) > MAX_OUTSTANDING_PROBES:
+            del self._probes[next(iter(self._probes))]  # forget the oldest unanswered
+        return seq
+
+    def _may_roam(self, addr: Endpoint, now: float) -> bool:
+        """Not back to the address a local move left, while that move is fresh."""
+        return addr != self._left or now >= self._left_until
+
+    def _promote(self, addr: Endpoint, now: float, *, roam: bool = True) -> None:
         """Responder: the initiator proved it holds the next keys; send with them now."""
         nxt = self._next
         assert nxt is not None
@@ -756,7 +839,7 @@ class TunnelPath:
         else:
             self._rekeys += 1
             self._events.append(Rekeyed(nxt.generation))
-            if addr != self._peer_address:
+            if roam and addr != self._peer_address and self._may_roam(addr, now):
                 self._move_peer(addr)
         # Our first packet under the new key tells the initiator to stop re-confirming.
         self._send_control(_KEEPALIVE, now)
@@ -767,12 +850,20 @@ class TunnelPath:
         self._events.append(PeerAddressChanged(old, addr))
 
     def _send_control(self, plaintext: bytes, now: float, to: Endpoint | None = None) -> None:
-        s = self._current
         addr = to or self._peer_address
-        if s is None or addr is None or s.send.counter >= REJECT_AFTER_MESSAGES:
+        if addr is None:
             return
-        self._queue(s.send.seal(plaintext, control=True), addr)
+        datagram = self._seal_control(plaintext)
+        if datagram is None:
+            return
+        self._queue(datagram, addr)
         self._last_sent = now
+
+    def _seal_control(self, plaintext: bytes) -> bytes | None:
+        s = self._current
+        if s is None or s.send.counter >= REJECT_AFTER_MESSAGES:
+            return None
+        return s.send.seal(plaintext, control=True)
 
     def _queue(self, datagram: bytes, addr: Endpoint) -> None:
         self._out.append((datagram, addr))
@@ -804,6 +895,7 @@ __all__ = [
     "PeerMismatch",
     "ProbeResult",
     "Rekeyed",
+    "StandbyProbeResult",
     "TunnelPath",
     "UnexpectedPacket",
     "UnknownEpoch",

@@ -58,6 +58,7 @@ PLAN = {
     "plainweb": {"internet": ["198.51.100.40/24", "2001:db8:100::40/64"]},
     "mn1": {"access-a": ["10.10.1.100/24"]},
     "mn2": {"access-a": ["10.10.1.101/24"]},  # the swarm (`ntm swarm`)
+    "mn3": {"access-a": ["10.10.1.103/24"], "access-b": ["2001:db8:b::103/64"]},  # two uplinks
     "nat-b": {"internet": ["198.51.100.4/24", "2001:db8:100::4/64"], "site-b": ["10.20.2.1/24"]},
     "cn1": {"site-b": ["10.20.2.10/24"]},
     "dc2": {"internet": ["198.51.100.21/24", "2001:db8:100::21/64"]},
@@ -249,6 +250,24 @@ def test_mn1_starts_behind_nat_a_and_can_roam_to_access_b(project: Project) -> N
     assert mn1.roam["access-a"].addresses == ("10.10.1.100/24",)
 
 
+def test_mn3_has_a_routing_table_per_uplink_chosen_by_source_address(project: Project) -> None:
+    env = env_of(project, "mn3")
+    routes = parse_routes(env["NTM_LAB_ROUTES"])
+    assert ((), ("default", "via", "10.10.1.1")) in routes
+    assert (("-6",), ("default", "via", "2001:db8:b::1")) in routes
+    assert ((), ("default", "via", "10.10.1.1", "table", "201")) in routes
+    assert (("-6",), ("default", "via", "2001:db8:b::1", "table", "202")) in routes
+    assert ((), ("unreachable", "default", "metric", "4000", "table", "201")) in routes
+    assert (("-6",), ("unreachable", "default", "metric", "4000", "table", "202")) in routes
+    assert parse_routes(env["NTM_LAB_RULES"], "NTM_LAB_RULES") == [
+        ((), ("from", "10.10.1.103", "lookup", "201")),
+        (("-6",), ("from", "2001:db8:b::103", "lookup", "202")),
+    ]
+    conf = tomllib.loads((REPO / "lab" / "config" / "mn3.toml").read_text())
+    assert conf["node"]["tunnel_addresses"] == ["10.10.1.103", "2001:db8:b::103"]
+    assert conf["node"]["make_before_break"] is True
+
+
 def test_load_balanced_service_routes_without_snat(project: Project) -> None:
     """ntma1 forwards (no masquerade); the LB's replies go back through ntma1; web1..3
     route via the LB. Nothing on the NTMA -> LB -> web path masquerades the MN's vIP."""
@@ -339,6 +358,7 @@ def test_pki_spec_names_every_identity_of_the_lab() -> None:
         "dc1": ("dc", ["dc1.ntm.example.com"]),
         "cn2": ("node", ["cn2.ntm.example.com"]),
         "mn1": ("node", ["mn1.ntm.example.com"]),
+        "mn3": ("node", ["mn3.ntm.example.com"]),
         "cn1": ("node", ["cn1.ntm.example.com"]),
         "dc2": ("dc", ["dc2.ntm.example.net"]),
         "cn3": ("node", ["cn3.ntm.example.net"]),

@@ -555,6 +555,67 @@ def test_pause_holds_verdicts_during_the_nodes_own_move() -> None:
     arun(scenario())
 
 
+async def built_path(w: World, m: FailoverManager) -> tuple[float, TunnelPath]:
+    """What the daemon does on a DNS lookup of a gateway service, up to path_built."""
+    rd = await w.request_direction(SERVICE, "")
+    t0 = w.now
+    path = w.engine.add_path(rd)
+    w.flush()
+    while path.state is not PathState.ESTABLISHED:
+        await w.run(m, w.now + 0.005)
+    m.path_built(path.path_id, t0)
+    return t0, path
+
+
+def from_gateway(w: World, path: TunnelPath) -> None:
+    """One data packet from the gateway down the path (a reply that crossed the LB)."""
+    gw_path = w.gws[GW1].ep.path(path.path_id)
+    assert gw_path is not None and gw_path.peer_address is not None
+    data = gw_path.seal(b"\x45" + bytes(27), w.now)
+    assert data is not None
+    w.send(w.gws[GW1], data, gw_path.peer_address)
+
+
+@pytest.mark.parametrize("reply_after", [0.03, None])
+def test_switch_time_lasts_until_traffic_comes_back_through_the_new_path(
+    reply_after: float | None,
+) -> None:
+    """C counts up to the first packet back through a new gateway path (the LB route must
+    have followed the gateway's claim), if one comes within P; else the build alone."""
+
+    async def scenario() -> None:
+        w = World()
+        m = w.manager(TIMERS)
+        t0, path = await built_path(w, m)
+        built = w.now - t0
+        assert not m.switch_time.samples  # not yet: waiting for traffic
+        if reply_after is not None:
+            await w.run(m, w.now + reply_after)
+            from_gateway(w, path)
+        await w.run(m, w.now + 3 * m.timers.probe_interval)
+        (c,) = m.switch_time.samples
+        if reply_after is None:
+            assert c == pytest.approx(built)
+        else:  # one way more than the reply's departure, within one poll of the manager
+            assert built + reply_after < c <= built + reply_after + w.delay + 0.011
+
+    arun(scenario())
+
+
+def test_a_late_packet_after_the_probe_interval_is_not_taken_for_traffic() -> None:
+    async def scenario() -> None:
+        w = World()
+        m = w.manager(TIMERS)
+        t0, path = await built_path(w, m)
+        built = w.now - t0
+        await w.run(m, w.now + m.timers.probe_interval + 0.02)
+        from_gateway(w, path)
+        await w.run(m, w.now + 0.1)
+        assert m.switch_time.samples == (pytest.approx(built),)
+
+    arun(scenario())
+
+
 def test_measured_switch_time_too_large_is_an_error_in_status_not_a_crash() -> None:
     async def scenario() -> None:
         w = World()
