@@ -51,7 +51,12 @@ def decide(initiator: EndView, responder: EndView) -> RouteDecision:
     if not responder.behind_nat:
         targets = _of_families(responder.public_endpoints, initiator.families)
         if targets:
-            return RouteDecision(RouteKind.DIRECT, targets, ())
+            # Then the responder's other-family addresses: the initiator's first INIT goes
+            # to all it can send to, but after a move to a network of another family it
+            # probes the path's peer there and moves it in a round trip
+            # (ntm_node.failover.probe_other_families) instead of waiting for a new Direction.
+            others = tuple(ep for ep in responder.public_endpoints if ep not in targets)
+            return RouteDecision(RouteKind.DIRECT, targets + others, ())
     if not initiator.behind_nat:
         targets = _of_families(initiator.public_endpoints, responder.families)
         if targets:

@@ -133,6 +133,7 @@ def thresholds(args: argparse.Namespace, base: vd.Thresholds | None = None) -> v
         b.alpha if args.alpha is None else args.alpha,
         b.max_interruption if args.max_interruption is None else args.max_interruption,
         b.event_window if args.event_window is None else args.event_window,
+        getattr(args, "interval", None) or b.request_interval,
     )
     if not 0 <= th.max_failed_ratio <= 1:
         raise ConfigError("--max-failed-ratio is a fraction between 0 and 1 (e.g. 0.01)")

@@ -8,8 +8,12 @@ Checks (each passes, fails, or says plainly that it was not checked):
   gateway's address): the property that makes persistence survive a gateway switch.
 - every client answered: each identity a user had (even one whose name lookup always
   failed, so it never opened a session) got at least one answer.
-- failed requests: failures / (answers + failures) <= --max-failed-ratio (and, if given,
-  failures <= --max-failed), counting HTTP requests, UDP exchanges and DNS lookups.
+- failed requests: failures outside the events' windows / (answers + failures)
+  <= --max-failed-ratio (and, if given, those failures <= --max-failed), counting HTTP
+  requests, UDP exchanges and DNS lookups. A failure in a gap attributed to an event
+  (`gap_owner`) is the event's doing: a move or a dead gateway loses what is sent while it
+  lasts (one request per stream and second of outage), so those are reported, and the
+  events are judged by the interruption check instead.
 - balance, against the scheduler:
     rr:   units per backend differ by at most 1 (+1 per unit that never got an answer, since
           it may have taken a turn we could not see). The unit is a client when the service
@@ -20,8 +24,9 @@ Checks (each passes, fails, or says plainly that it was not checked):
           for large N), failing when p < alpha (default 0.001). See loadtests/stats.py.
     lc/wlc: depend on live connection counts; not checked (reported only).
 - events: every driver action exited 0.
-- interruption (only with --max-interruption): no stream was interrupted longer than that
-  around any event. The distribution per event is always reported.
+- interruption: every stream interrupted around an event recovered before the run ended;
+  with --max-interruption, also no gap around an event was longer than that. The
+  distribution per event is always reported.
 """
 
 from __future__ import annotations
@@ -48,6 +53,9 @@ class Thresholds:
     alpha: float = DEFAULT_ALPHA
     max_interruption: float | None = None
     event_window: float = DEFAULT_EVENT_WINDOW  # s after an event whose gaps count for it
+    # s between a stream's requests: its last answer before an outage comes at most about
+    # this long before the event that caused it (see `gap_owner`)
+    request_interval: float = 1.0
 
 
 @dataclass
@@ -267,29 +275,73 @@ def streams(sessions: Iterable[SessionRecord]) -> dict[tuple[str, str], list[Ses
     return dict(out)
 
 
-def event_interruptions(
-    sessions: Sequence[SessionRecord], events: Sequence[EventRecord], window: float
-) -> list[EventInterruption]:
-    """Per event: for every stream alive at it, the longest gap overlapping the window.
-
-    The window runs from the event's start until `window` seconds later or the next event,
-    whichever comes first, so one outage is not counted twice.
-    """
-    by_stream = streams(sessions)
+def event_windows(
+    events: Sequence[EventRecord], window: float
+) -> list[tuple[EventRecord, float, float]]:
+    """(event, start, end) of every event that ran: from its start until `window` seconds
+    later or the next event, whichever comes first, so one outage is not counted twice."""
     ordered = sorted((e for e in events if e.started_at), key=lambda e: e.started_at)
     out = []
     for i, ev in enumerate(ordered):
-        lo = ev.started_at
-        hi = lo + window
+        hi = ev.started_at + window
         if i + 1 < len(ordered):
             hi = min(hi, ordered[i + 1].started_at)
+        out.append((ev, ev.started_at, hi))
+    return out
+
+
+def gap_owner(
+    g: Gap, windows: Sequence[tuple[EventRecord, float, float]], lead: float
+) -> int | None:
+    """The index of the event a gap is attributed to, if any.
+
+    A gap starts at the stream's last answer, so an outage that an event caused starts up to
+    one request interval (`lead`) BEFORE the event: such a gap is that event's, not the
+    previous one's (whose window it also overlaps). Otherwise a gap that starts inside an
+    event's window is that event's; one that starts outside every window is nobody's."""
+    for i, (_, lo, _hi) in enumerate(windows):
+        if g.start < lo <= min(g.start + lead, g.end):
+            return i
+    owner = None
+    for i, (_, lo, hi) in enumerate(windows):
+        if lo <= g.start < hi:
+            owner = i
+    return owner
+
+
+def failures_in_windows(
+    sessions: Iterable[SessionRecord],
+    windows: Sequence[tuple[EventRecord, float, float]],
+    lead: float = 1.0,
+) -> dict[str, int]:
+    """Failed requests per protocol in gaps attributed to an event (`gap_owner`)."""
+    out: dict[str, int] = {}
+    for s in sessions:
+        for g in s.gaps:
+            if gap_owner(g, windows, lead) is not None:
+                out[s.kind] = out.get(s.kind, 0) + g.failures
+    return out
+
+
+def event_interruptions(
+    sessions: Sequence[SessionRecord],
+    events: Sequence[EventRecord],
+    window: float,
+    lead: float = 1.0,
+) -> list[EventInterruption]:
+    """Per event: for every stream alive at it, the longest of its gaps attributed to the
+    event (`event_windows`, `gap_owner`; 0 if none)."""
+    by_stream = streams(sessions)
+    windows = event_windows(events, window)
+    out = []
+    for i, (ev, lo, _hi) in enumerate(windows):
         values: list[float] = []
         kinds: list[str] = []
         unrecovered = 0
         for (_, kind), lst in by_stream.items():
             if not (lst[0].start <= lo <= max(s.end for s in lst)):
                 continue
-            gaps: list[Gap] = [g for s in lst for g in s.gaps if g.start < hi and g.end >= lo]
+            gaps: list[Gap] = [g for s in lst for g in s.gaps if gap_owner(g, windows, lead) == i]
             values.append(max((g.length for g in gaps), default=0.0))
             kinds.append(kind)
             unrecovered += any(not g.recovered for g in gaps)
@@ -335,21 +387,33 @@ def totals(sessions: Sequence[SessionRecord], users: Sequence[UserRecord] = ()) 
     }
 
 
-def _failed_check(t: dict[str, Any], th: Thresholds) -> Check:
+def _failed_check(t: dict[str, Any], th: Thresholds, during: dict[str, int]) -> Check:
     requests = t["answers"] + t["failures"]
-    ratio = t["failures"] / requests if requests else 0.0
+    in_events = sum(during.values())
+    outside = t["failures"] - in_events
+    ratio = outside / requests if requests else 0.0
     ok = requests > 0 and ratio <= th.max_failed_ratio
     limit = f"<= {th.max_failed_ratio:.2%}"
     if th.max_failed is not None:
-        ok = ok and t["failures"] <= th.max_failed
+        ok = ok and outside <= th.max_failed
         limit += f" and <= {th.max_failed}"
-    kinds = ", ".join(f"{k} {v['failures']}" for k, v in sorted(t["per_kind"].items()))
-    summary = (
-        f"{t['failures']} of {requests} requests failed ({ratio:.2%}; allowed {limit}; {kinds})"
+    kinds = ", ".join(
+        f"{k} {v['failures'] - during.get(k, 0)}" for k, v in sorted(t["per_kind"].items())
     )
+    summary = f"{outside} of {requests} requests failed ({ratio:.2%}; allowed {limit}; {kinds})"
+    if in_events:
+        summary = f"outside the events: {summary}; in the events' windows {in_events} more"
+        summary += f" (all: {t['failures'] / requests:.2%}; judged per event below)"
     if not requests:
         summary = "no request was made at all"
-    return Check("failed requests", ok, summary, {"ratio": ratio, "requests": requests})
+    details = {
+        "ratio": ratio,
+        "requests": requests,
+        "failures_outside_events": outside,
+        "failures_in_events": in_events,
+        "ratio_all": t["failures"] / requests if requests else 0.0,
+    }
+    return Check("failed requests", ok, summary, details)
 
 
 def _answered_check(sessions: Sequence[SessionRecord], users: Sequence[UserRecord]) -> Check:
@@ -405,7 +469,15 @@ def _interruption_check(ints: Sequence[EventInterruption], th: Thresholds) -> Ch
             f"{i.unrecovered} stream(s) after {i.label}" for i in ints if i.unrecovered
         )
     if th.max_interruption is None:
-        return Check("interruption", None, summary + " (no --max-interruption: not checked)")
+        if not ints:
+            return Check("interruption", None, "no event ran")
+        if unrecovered:
+            return Check("interruption", False, summary)
+        return Check(
+            "interruption",
+            True,
+            summary + "; every stream recovered (no --max-interruption: length not checked)",
+        )
     ok = worst <= th.max_interruption and not unrecovered
     return Check("interruption", ok, summary + f" (allowed {th.max_interruption:g} s)")
 
@@ -418,6 +490,7 @@ def judge(
     users: Sequence[UserRecord] = (),
 ) -> Verdict:
     t = totals(sessions, users)
+    windows = event_windows(events, th.event_window)
     violations = persistence_violations(sessions, expectations)
     by_level = {lvl: sum(v.level == lvl for v in violations) for lvl in ("session", "client")}
     sticky = [f"{e.kind}/{e.port}" for e in expectations if e.client_sticky]
@@ -432,14 +505,14 @@ def judge(
         ),
         _address_check(sessions),
         _answered_check(sessions, users),
-        _failed_check(t, th),
+        _failed_check(t, th, failures_in_windows(sessions, windows, th.request_interval)),
     ]
     balances = [balance(sessions, e, th.alpha) for e in expectations]
     for b in balances:
         checks.append(
             Check(f"balance {b.kind}/{b.port} ({b.scheduler}, per {b.unit})", b.ok, b.summary)
         )
-    ints = event_interruptions(sessions, events, th.event_window)
+    ints = event_interruptions(sessions, events, th.event_window, th.request_interval)
     checks.append(_events_check(events))
     checks.append(_interruption_check(ints, th))
     return Verdict(checks, violations, balances, ints, t)

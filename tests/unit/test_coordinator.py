@@ -73,9 +73,12 @@ def test_direction_direct_from_nat_to_global() -> None:
     assert plan.kind is RouteKind.DIRECT
     assert plan.to_requester.role is PathRole.INITIATOR
     assert plan.to_responder.role is PathRole.RESPONDER
+    # IPv4 first (mn1 has no v6), then cn2's IPv6 address: after a move to an IPv6-only
+    # network mn1 probes it and moves the same path in a round trip, without a new Direction.
     assert plan.to_requester.peer_endpoints == (
         ("198.51.100.30", 7400),
-    )  # IPv4 only: mn1 has no v6
+        ("2001:db8:100::30", 7400),
+    )
     assert plan.to_requester.path_id == plan.to_responder.path_id
     assert plan.to_responder.peer_vip == c.registry.lookup(MN).vip  # type: ignore[union-attr]
 

@@ -234,6 +234,13 @@ def test_thresholds_from_flags_and_bad_values() -> None:
         cli.thresholds(parse("verdict", "/x", "--alpha", "0"))
 
 
+def test_the_request_interval_reaches_the_verdict() -> None:
+    """It decides which event a gap is attributed to (verdict.gap_owner)."""
+    assert cli.thresholds(parse("run", "--interval", "0.25")).request_interval == 0.25
+    saved = cli.vd.Thresholds(request_interval=0.5)  # as run.json keeps it for `verdict`
+    assert cli.thresholds(parse("verdict", "/x"), saved).request_interval == 0.5
+
+
 def test_locust_args_carry_the_traffic_options() -> None:
     args = parse("run", "--interval", "0.5", "--http-port", "80")
     out = cli.locust_args(args, http_sticky=False, udp_sticky=True)

@@ -116,6 +116,12 @@ def test_resolve_gives_up_with_a_reason() -> None:
         resolve("www.example.com", VIP, quiet.getsockname(), timeout=0.2, tries=2)
 
 
+def test_an_address_needs_no_lookup(dns_server: tuple[tuple[str, int], list[str]]) -> None:
+    server, sources = dns_server
+    assert resolve("10.30.0.100", VIP, server, timeout=2.0) == "10.30.0.100"
+    assert sources == []  # the resolver was never asked
+
+
 # -- HTTP ----------------------------------------------------------------------------------
 
 

@@ -214,6 +214,19 @@ def test_window_stops_at_the_next_event_and_skips_events_that_did_not_run() -> N
     assert [max(i.values) for i in ints] == [0.0, 1.0]
 
 
+def test_a_gap_that_starts_just_before_an_event_is_that_events_only() -> None:
+    """The last answer before an outage comes up to one interval before the event that
+    caused it: that gap overlaps the previous event's window too, but is not its doing."""
+    s = sess("100.64.0.1", [(1.0, "web1")], gaps=[Gap(59.5, 62.5, 2), Gap(45.0, 46.0, 1)])
+    first, second = event_interruptions([s], [event(30, 30.0), event(60, 60.0)], 40.0, 1.0)
+    assert max(first.values) == pytest.approx(1.0)  # only its own gap at 45 s
+    assert max(second.values) == pytest.approx(3.0)
+    # a gap that began well before any event (2 s > one interval) is nobody's
+    early = sess("100.64.0.2", [(1.0, "web1")], gaps=[Gap(27.0, 31.0, 3)])
+    (only,) = event_interruptions([early], [event(30, 30.0)], 40.0, 1.0)
+    assert only.values == [0.0]
+
+
 def test_quantile_nearest_rank() -> None:
     assert quantile([], 0.5) == 0.0
     assert quantile([3.0, 1.0, 2.0], 0.5) == 2.0
@@ -237,7 +250,7 @@ def test_good_run_passes_and_exits_zero() -> None:
     assert statuses["client address is the vIP"] is True
     assert statuses["failed requests"] is True
     assert statuses["driver events"] is True
-    assert statuses["interruption"] is None  # no threshold: reported only
+    assert statuses["interruption"] is True  # every stream recovered; no length bound
     # udp: all 30 clients on web2 under sh is a real skew
     assert check(v, "balance udp/9000").ok is False
     fixed = rr_clients(30) + [
@@ -278,6 +291,23 @@ def test_failed_requests_threshold() -> None:
     assert check(judge(sessions, [], [HTTP_STICKY], th), "failed").ok is False
 
 
+def test_failures_in_an_events_window_are_the_events_not_the_ratios() -> None:
+    """A move loses what is sent while it lasts: judged per event, not as steady failures;
+    the same failures away from any event fail the ratio."""
+    sessions = rr_clients(3)
+    sessions[0] = sess("100.64.0.0", [(1.0, "web1")], answers=90, failures=5)
+    sessions[0].gaps = [Gap(30.5, 33.0, 2), Gap(70.0, 71.0, 1)]  # 2 at the event, 1 outside
+    th = Thresholds(max_failed_ratio=0.02)
+    c = check(judge(sessions, [event(30, 30.0)], [HTTP_STICKY], th), "failed")
+    # 5 failed, 2 of them in the move's window: 3 of 110 = 2.7 % outside > 2 %
+    assert c.ok is False and c.details["failures_in_events"] == 2
+    assert c.details["failures_outside_events"] == 3 and "2 more" in c.summary
+    sessions[0].failures = 3
+    c = check(judge(sessions, [event(30, 30.0)], [HTTP_STICKY], th), "failed")
+    assert c.ok is True  # 1 of 108 outside
+    assert check(judge(sessions, [], [HTTP_STICKY], th), "failed").ok is False  # no event
+
+
 def test_failed_event_silent_client_and_interruption_threshold_fail() -> None:
     s = rr_clients(3)
     s[1] = sess("100.64.0.1", [(1.0, "web2")], gaps=[Gap(30.0, 35.0, 3)])
@@ -299,6 +329,9 @@ def test_unrecovered_stream_fails_the_interruption_check() -> None:
     v = judge(s, [event(30, 30.0)], [HTTP_STICKY], Thresholds(max_interruption=60.0))
     c = check(v, "interruption")
     assert c.ok is False and "never recovered" in c.summary
+    c = check(judge(s, [event(30, 30.0)], [HTTP_STICKY]), "interruption")
+    assert c.ok is False and "never recovered" in c.summary  # without a bound too
+    assert check(judge(s, [], [HTTP_STICKY]), "interruption").ok is None  # no event
 
 
 def test_a_user_whose_name_never_resolved_fails_the_verdict() -> None:

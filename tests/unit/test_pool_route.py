@@ -66,8 +66,11 @@ def test_route_table(
     assert d.kind is kind
     if kind is RouteKind.DIRECT:
         assert d.initiator_targets and not d.responder_targets
-        fams = {ipaddress.ip_address(a).version for a, _ in d.initiator_targets}
-        assert fams <= ifam
+        fams = [ipaddress.ip_address(a).version for a, _ in d.initiator_targets]
+        # The initiator's families first, then the responder's others (where a node that
+        # moves to another family probes the same path), nothing the responder lacks.
+        assert fams[0] in ifam and set(fams) == rfam
+        assert fams == sorted(fams, key=lambda f: f not in ifam)
     if kind is RouteKind.REVERSE:
         assert d.responder_targets and not d.initiator_targets
 
@@ -75,3 +78,12 @@ def test_route_table(
 def test_same_nat_needs_relay() -> None:
     d = decide(end({4}, True, "198.51.100.2"), end({4}, True, "198.51.100.2"))
     assert d.kind is RouteKind.RELAY
+
+
+def test_direct_lists_the_other_family_after_the_common_one() -> None:
+    """mn2 on IPv4 (behind NAT) toward a dual-stack gateway: the v4 address first, the v6
+    one after it, so mn2's move to the IPv6-only access-b can move the path at once."""
+    gw = end({4, 6}, False, "198.51.100.60", (("2001:db8:100::60", 7400), ("198.51.100.60", 7400)))
+    d = decide(end({4}, True, "203.0.113.1"), gw)
+    assert d.kind is RouteKind.DIRECT
+    assert d.initiator_targets == (("198.51.100.60", 7400), ("2001:db8:100::60", 7400))
