@@ -20,6 +20,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import FrameType
@@ -31,13 +33,14 @@ from . import lb, openvpn, procstat, profile, report, tunnel
 from .dc_capacity import run_dc
 from .failover import BACKUP, run_failover
 from .iperf import IperfError, parse_iperf3
-from .labctl import CN, CN_ADDRESS, DIRECT_ADDRESS, DIRECT_NODE, BenchLab, LabFailure
+from .labctl import CN, CN_ADDRESS, DIRECT_ADDRESS, DIRECT_NODE, REPO, BenchLab, LabFailure
 from .nsproc import Processes, in_ns
 from .relay_tput import run_relay
 from .setup_time import FRESH_MODES, KINDS, probe_argv, run_setup
+from .swarm_load import run_load
 
-SECTIONS = ("tunnel", "latency", "relay", "lb", "health", "setup", "failover", "dc")
-LAB_SECTIONS = frozenset(SECTIONS) - {"dc"}
+SECTIONS = ("tunnel", "latency", "relay", "lb", "health", "setup", "failover", "dc", "load")
+LAB_SECTIONS = frozenset(SECTIONS) - {"dc", "load"}  # load: a lab of its own (swarm_load.py)
 NAT_CLIENT = "mn1"
 TUN_MTU_DEFAULT = 1400
 
@@ -51,7 +54,7 @@ class Plan:
     iperf_rounds: int
     pings: int
     ping_interval: float
-    setup_runs: int  # per path kind; each restarts the client's node
+    setup_runs: int  # per path kind; before each the client's node forgets its paths
     dc_nodes: int
     dc_plans: int
     dc_seconds: float
@@ -74,7 +77,12 @@ class Plan:
         if quick:
             plan = cls(True, 3, 1, 200, 0.01, 20, 100_000, 5_000, 3.0, 5, 3.0, 1, 6, 2, 5)
         else:
-            plan = cls(False, 4, 3, 500, 0.01, 100, 100_000, 20_000, 6.0, 10, 6.0, 3, 6, 5, 20)
+            # Counts and section times: bench/README.md. iperf3 3 s x 3 interleaved rounds
+            # (a sub-ms RTT path is past slow start in milliseconds); 300 pings give a p99
+            # from the 3 slowest; 4 s of HTTP load ~1,500 requests per round; the failover
+            # events keep issue 5's 20 runs (the gateway runs wait for mn1's fail-back
+            # hold-down, 10 s each: about 4 minutes).
+            plan = cls(False, 3, 3, 300, 0.01, 100, 100_000, 20_000, 6.0, 10, 4.0, 3, 6, 5, 20)
         if setup_runs is not None:
             plan = dataclasses.replace(plan, setup_runs=setup_runs)
         if failover_runs is not None:
@@ -185,6 +193,7 @@ def run(args: argparse.Namespace) -> int:
         "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "options": {**asdict(plan), "sections": sections, "profile": args.profile},
         "machine": procstat.machine_info(),
+        "source": procstat.source_info(REPO),
         "errors": [],
     }
     work = Path(tempfile.mkdtemp(prefix="ntmb-"))
@@ -197,7 +206,14 @@ def run(args: argparse.Namespace) -> int:
         if LAB_SECTIONS & set(sections):
             _lab_sections(doc, work, plan, sections, args.profile, out)
         if "dc" in sections:
-            _dc_section(doc, work, plan)
+            with _timed(doc, "dc"):
+                _dc_section(doc, work, plan)
+        if "load" in sections:
+            with _timed(doc, "load"):
+                try:
+                    doc["load"] = run_load(work, plan.quick, _progress)
+                except (LabFailure, OSError, subprocess.TimeoutExpired) as exc:
+                    _error(doc, "load", exc)
     except KeyboardInterrupt:
         interrupted = True
         doc["interrupted"] = True
@@ -220,6 +236,20 @@ def run(args: argparse.Namespace) -> int:
     if interrupted:
         return 130
     return 1 if doc["errors"] else 0
+
+
+@contextmanager
+def _timed(doc: dict[str, Any], section: str) -> Iterator[None]:
+    """Wall time and load average (1 min, before and after) of one section, in the JSON."""
+    load_before = round(os.getloadavg()[0], 2)
+    started = time.monotonic()
+    try:
+        yield
+    finally:
+        doc.setdefault("section_times", {})[section] = {
+            "wall_s": round(time.monotonic() - started, 1),
+            "loadavg_1min": [load_before, round(os.getloadavg()[0], 2)],
+        }
 
 
 def _error(doc: dict[str, Any], section: str, exc: BaseException) -> None:
@@ -266,6 +296,31 @@ def _lab_sections(
     except LabFailure as exc:
         _error(doc, "lab", exc)
         return
+    try:
+        _lab_sections_in(doc, lab, work, plan, sections, prof, out, want_tunnel)
+    finally:
+        with _timed(doc, "lab_down"):
+            _progress(f"lab {lab.name} down")
+            try:
+                lab.down()
+            except LabFailure as exc:
+                _error(doc, "lab down", exc)
+
+
+def _lab_sections_in(
+    doc: dict[str, Any],
+    lab: BenchLab,
+    work: Path,
+    plan: Plan,
+    sections: list[str],
+    prof: bool,
+    out: Path,
+    want_tunnel: bool,
+) -> None:
+    """Every lab section on the one lab (built once, brought down by the caller)."""
+    reach = bool({"relay", "setup"} & set(sections))
+    with_lb = bool({"lb", "health"} & set(sections))
+    with_failover = "failover" in sections
     procs = Processes()
     clients = [NAT_CLIENT, DIRECT_NODE] if want_tunnel else [NAT_CLIENT]
     others = (["cn1"] if reach else []) + ([lb.NTMA] if with_lb or with_failover else [])
@@ -273,9 +328,10 @@ def _lab_sections(
     try:
         _progress(f"lab {lab.name} up (state {lab.state})")
         try:
-            lab.up()
-            for svc in (CN, *clients, *others):
-                lab.wait_registered(svc)
+            with _timed(doc, "lab_up"):
+                lab.up()
+                for svc in (CN, *clients, *others):
+                    lab.wait_registered(svc)
         except LabFailure as exc:
             _error(doc, "lab", exc)
             return
@@ -305,64 +361,65 @@ def _lab_sections(
             },
         }
         if want_tunnel:
-            _tunnel_sections(doc, lab, procs, work, plan, sections, prof, out, clients)
+            with _timed(doc, "tunnel+latency" + ("+profile" if prof else "")):
+                _tunnel_sections(doc, lab, procs, work, plan, sections, prof, out, clients)
             doc["node_rss"]["after_load"] = _rss_mb(lab, [CN, *clients])
         if "relay" in sections:
             settings = tunnel.Settings(
                 plan.iperf_seconds, plan.iperf_rounds, plan.pings, plan.ping_interval, 0
             )
-            try:
-                doc["relay"] = run_relay(lab, procs, work, settings, want_tunnel, _progress)
-                _nested_errors(doc, "relay", doc["relay"])
-            except (LabFailure, IperfError, OSError, subprocess.TimeoutExpired) as exc:
-                _error(doc, "relay", exc)
+            with _timed(doc, "relay"):
+                try:
+                    doc["relay"] = run_relay(lab, procs, work, settings, want_tunnel, _progress)
+                    _nested_errors(doc, "relay", doc["relay"])
+                except (LabFailure, IperfError, OSError, subprocess.TimeoutExpired) as exc:
+                    _error(doc, "relay", exc)
         if "lb" in sections:
-            try:
-                doc["lb"] = lb.run_lb_load(
-                    lab, plan.lb_concurrency, plan.lb_seconds, plan.lb_rounds, _progress
-                )
-                _nested_errors(doc, "lb", doc["lb"])
-                cmd = lb.httpload_argv("URL", plan.lb_concurrency, plan.lb_seconds)
-                doc.setdefault("commands", {})["lb_load"] = "ip netns exec <client> " + shlex.join(
-                    cmd
-                )
-            except (LabFailure, OSError, subprocess.TimeoutExpired) as exc:
-                _error(doc, "lb", exc)
+            with _timed(doc, "lb"):
+                try:
+                    doc["lb"] = lb.run_lb_load(
+                        lab, plan.lb_concurrency, plan.lb_seconds, plan.lb_rounds, _progress
+                    )
+                    _nested_errors(doc, "lb", doc["lb"])
+                    cmd = lb.httpload_argv("URL", plan.lb_concurrency, plan.lb_seconds)
+                    doc.setdefault("commands", {})["lb_load"] = (
+                        "ip netns exec <client> " + shlex.join(cmd)
+                    )
+                except (LabFailure, OSError, subprocess.TimeoutExpired) as exc:
+                    _error(doc, "lb", exc)
         if "health" in sections:
             _progress(f"health: {plan.health_cycles} x kill/start {lb.DOWN[0]}")
-            try:
-                doc["health"] = lb.run_health(lab, plan.health_cycles, _progress)
-                _nested_errors(doc, "health", doc["health"])
-            except (LabFailure, OSError, subprocess.TimeoutExpired) as exc:
-                _error(doc, "health", exc)
+            with _timed(doc, "health"):
+                try:
+                    doc["health"] = lb.run_health(lab, plan.health_cycles, _progress)
+                    _nested_errors(doc, "health", doc["health"])
+                except (LabFailure, OSError, subprocess.TimeoutExpired) as exc:
+                    _error(doc, "health", exc)
         if "setup" in sections:
             clients_text = ", ".join(dict.fromkeys(k.client for k in KINDS))
             fresh = plan.setup_fresh
             how = "restarting" if fresh == "restart" else "forget-paths on"
             _progress(f"setup: {plan.setup_runs} runs per kind, each {how} {clients_text}")
-            try:
-                doc["setup"] = run_setup(
-                    lab, plan.setup_runs, min(plan.pings, 200), _progress, fresh=fresh
-                )
-                doc.setdefault("commands", {})["setup_probe"] = shlex.join(
-                    probe_argv([k.name for k in KINDS if k.client == NAT_CLIENT])
-                )
-            except (LabFailure, OSError, subprocess.TimeoutExpired) as exc:
-                _error(doc, "setup", exc)
+            with _timed(doc, "setup"):
+                try:
+                    doc["setup"] = run_setup(
+                        lab, plan.setup_runs, min(plan.pings, 200), _progress, fresh=fresh
+                    )
+                    doc.setdefault("commands", {})["setup_probe"] = shlex.join(
+                        probe_argv([k.name for k in KINDS if k.client == NAT_CLIENT])
+                    )
+                except (LabFailure, OSError, subprocess.TimeoutExpired) as exc:
+                    _error(doc, "setup", exc)
         if with_failover:
             _progress(f"failover: 1 kHz UDP probe, {plan.failover_runs} runs per event")
-            try:
-                doc["failover"] = run_failover(lab, plan.failover_runs, _progress)
-                _nested_errors(doc, "failover", doc["failover"])
-            except (LabFailure, OSError, subprocess.TimeoutExpired) as exc:
-                _error(doc, "failover", exc)
+            with _timed(doc, "failover"):
+                try:
+                    doc["failover"] = run_failover(lab, plan.failover_runs, _progress)
+                    _nested_errors(doc, "failover", doc["failover"])
+                except (LabFailure, OSError, subprocess.TimeoutExpired) as exc:
+                    _error(doc, "failover", exc)
     finally:
         procs.close()
-        _progress(f"lab {lab.name} down")
-        try:
-            lab.down()
-        except LabFailure as exc:
-            _error(doc, "lab down", exc)
 
 
 def _tunnel_sections(
@@ -446,6 +503,7 @@ def _tunnel_sections(
                 "cipher": openvpn.negotiated_cipher(link.client_log.read_text(errors="replace")),
             }
             paths: dict[str, Any] = {"before": tunnel.path_summary(lab, client)}
+            gso_before = {n: tunnel.gso_counters(lab, n) for n in (client, CN)}
             doc["lab"]["pairs"][key]["ntm_paths"] = paths
             pair.targets = {"plain": CN_ADDRESS, "ntm": vip, "openvpn": link.pair.server_ip}
             pair.tunnel_pids = {
@@ -466,6 +524,11 @@ def _tunnel_sections(
                 _nested_errors(doc, f"latency/{key}", doc["latency"][key])
             # A path rebuilt mid-test (re-registration, address change) shows up here.
             paths["after"] = tunnel.path_summary(lab, client)
+            # The data path measured is the current one: UDP GSO in use on both ends.
+            doc["lab"]["pairs"][key]["gso"] = {
+                n: tunnel.gso_delta(gso_before[n], tunnel.gso_counters(lab, n))
+                for n in (client, CN)
+            }
             if prof and key == "nat":
                 _progress(f"profile: py-spy on both nodes, {plan.profile_seconds} s of TCP")
                 doc["profile"] = _profile(lab, pair, plan.profile_seconds, out)

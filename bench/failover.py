@@ -15,7 +15,8 @@ silence around it and the probes lost. Events, RUNS each:
   address), then up again; then the run waits for mn1's fail-back to ntma1 after its
   hold-down (measured too: "fail-back") before the next run.
 
-Make-before-break with two interfaces is not built in the node: reported as such.
+Make-before-break with two interfaces is not built yet: reported as "not built yet" under
+MBB_KEY, never with a number; its runs go here once the lab gives mn1 two interfaces.
 """
 
 from __future__ import annotations
@@ -44,12 +45,12 @@ from .gaps import (
     summarize,
 )
 from .labctl import (
-    FAILBACK_HOLD_DOWN,
     MN_ACCESS_C,
     SAME_FAMILY_NET,
     UP_TIMEOUT,
     BenchLab,
     LabFailure,
+    lab_mn1_seconds,
 )
 from .nsproc import in_ns, run_in
 from .stats import summary
@@ -73,8 +74,11 @@ UPLINKS = {
 }
 SETTLE = 0.5  # s of steady echoes (and handled status) that end a run
 EVENT_BOUND = 30.0  # s for one event to be handled
-FAILBACK_BOUND = FAILBACK_HOLD_DOWN + 30.0
+FAILBACK_SLACK = 30.0  # s beyond the hold-down for a fail-back (ntma1's start, a retry)
 MAX_FAILED = 3  # runs in a row of one kind: the lab is broken, stop that kind
+
+MBB_KEY = "handover_make_before_break"
+MBB_NOT_BUILT = "not built yet: mn1 has one access interface at a time in this lab"
 
 EVENTS: dict[str, tuple[str, Goal | None]] = {
     "handover_same_family": ("handover, same family (IPv4 NAT a <-> IPv4 NAT c)", HANDOVER_GOAL),
@@ -408,11 +412,12 @@ def _uplink_run(runner: Runner, stream: Stream) -> Outcome:
     return got
 
 
-def run_gateway(runner: Runner, runs: int) -> dict[str, Any]:
+def run_gateway(runner: Runner, runs: int, hold_down: float) -> dict[str, Any]:
     """Per run: kill ntma1 (gateway failure); start it again as soon as mn1 shows the switch,
     and meanwhile cut ntma2's uplink in use and plug it back (uplink cut: mn1 is on ntma2
     then); then wait for the fail-back to ntma1."""
     lab = runner.lab
+    bound = hold_down + FAILBACK_SLACK
     stream = Stream(lab, "gateway")
     fail: list[dict[str, Any]] = []
     cuts: list[dict[str, Any]] = []
@@ -441,10 +446,10 @@ def run_gateway(runner: Runner, runs: int) -> dict[str, Any]:
             else:
                 unhandled.append(f"run {i}: no switch to {BACKUP} within {EVENT_BOUND:g} s")
             # The fail-back window opens before ntma1 is up: nothing may slip past it.
-            got = runner.one(stream, starter.join, on_gateway(PRIMARY), FAILBACK_BOUND)
+            got = runner.one(stream, starter.join, on_gateway(PRIMARY), bound)
             back.append(got.window(node_event=_last_event(got.status, "failback")))
             if not got.handled:
-                unhandled.append(f"run {i}: no fail-back to {PRIMARY} in {FAILBACK_BOUND:g} s")
+                unhandled.append(f"run {i}: no fail-back to {PRIMARY} in {bound:g} s")
                 error = "mn1 did not fail back to ntma1: the next run cannot start"
                 break
             if (i + 1) % 5 == 0:
@@ -475,7 +480,7 @@ def run_gateway(runner: Runner, runs: int) -> dict[str, Any]:
         },
         "failback": {
             "event": f"{PRIMARY} started again; mn1 fails back after its hold-down "
-            f"({FAILBACK_HOLD_DOWN:g} s, the benchmark's value): make-before-break",
+            f"({hold_down:g} s, lab/config/mn1.toml): make-before-break",
             "per_run": back_runs,
             **summarize(back_runs, None),
         },
@@ -513,6 +518,7 @@ def _wait_link(lab: BenchLab, uplink: str, bound: float = 10.0) -> None:
 
 def run_failover(lab: BenchLab, runs: int, progress: Callable[[str], None]) -> dict[str, Any]:
     runner = Runner(lab, progress)
+    hold_down = lab_mn1_seconds("failback_hold_down")
     out: dict[str, Any] = {
         "runs": runs,
         "probe": f"ip netns exec <lab>-{CLIENT} " + shlex.join(probe_argv()),
@@ -524,24 +530,29 @@ def run_failover(lab: BenchLab, runs: int, progress: Callable[[str], None]) -> d
             f"shown as {GAP_MS:g} ms means at most that); lost = probes sent from 0.1 s before "
             "the event to its end that were never echoed"
         ),
-        "failback_hold_down_s": FAILBACK_HOLD_DOWN,
+        "failback_hold_down_s": hold_down,
+        "allowed_outage_s": lab_mn1_seconds("allowed_outage"),
         "published_s": PUBLISHED,
         "labels": {k: v[0] for k, v in EVENTS.items()},
         "goals": {k: (v[1].text() if v[1] else "none set") for k, v in EVENTS.items()},
-        "handover_make_before_break": {
-            "built": False,
-            "note": "not built: the node uses one access interface at a time",
-        },
+        # The place for make-before-break with two interfaces (being built): until the lab
+        # gives mn1 a second access interface, no run, no number.
+        MBB_KEY: {"built": False, "note": MBB_NOT_BUILT},
+        "wall_s": {},
     }
     for key in ("same_family", "different_family"):
         progress(f"failover: handover {key.replace('_', ' ')}, {runs} moves")
+        started = time.monotonic()
         try:
             out[f"handover_{key}"] = run_handover(runner, key, runs)
         except (LabFailure, OSError, subprocess.TimeoutExpired) as exc:
             out[f"handover_{key}"] = {"error": f"{type(exc).__name__}: {exc}"}
+        out["wall_s"][f"handover_{key}"] = round(time.monotonic() - started, 1)
     progress(f"failover: {runs} x (kill {PRIMARY}, cut an uplink of {BACKUP}, fail-back)")
+    started = time.monotonic()
     try:
-        out.update(run_gateway(runner, runs))
+        out.update(run_gateway(runner, runs, hold_down))
     except (LabFailure, OSError, subprocess.TimeoutExpired) as exc:
         out["gateway_failure"] = {"error": f"{type(exc).__name__}: {exc}"}
+    out["wall_s"]["gateway_failure+uplink_cut+failback"] = round(time.monotonic() - started, 1)
     return out

@@ -11,11 +11,11 @@ touches another lab and `down` finds all.
 from __future__ import annotations
 
 import json
-import re
 import secrets
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -59,11 +59,9 @@ SAME_FAMILY_NAT = "nat-c"
 NAT_C_ADDRESS = "198.51.100.201"
 ACCESS_C = {"subnet": "10.10.3.0/24", "gateway": "10.10.3.254", "router": "10.10.3.1"}
 MN_ACCESS_C = "10.10.3.100"
-# mn1's fail-back hold-down in the benchmark's lab (the node's default is 60 s): each
-# gateway-failure run waits for the fail-back before the next one. ntma1 must be registered
-# again before it runs out (its start takes up to ~7 s on a busy 2-core machine), or the DC
-# refuses the first fail-back and the node asks again 10 s later.
-FAILBACK_HOLD_DOWN = 9.0
+MN1_CONFIG = REPO / "lab" / "config" / "mn1.toml"
+# ntm_node.config's defaults for the [node] settings the failover section reports.
+NODE_DEFAULTS = {"failback_hold_down": 60.0, "allowed_outage": 1.0}
 
 
 class LabFailure(Exception):
@@ -92,15 +90,23 @@ def taken_addresses(services: dict[str, Any]) -> set[str]:
     return out
 
 
-def with_hold_down(config: str, seconds: float) -> str:
-    """A node config with [node] failback_hold_down set to `seconds` (any old line goes)."""
-    lines = [ln for ln in config.splitlines() if not re.match(r"\s*failback_hold_down\s*=", ln)]
+def node_seconds(config: str, key: str) -> float:
+    """A [node] timer of a node config (TOML text), or the node's default for it. The
+    failover section reports mn1's allowed outage, and each gateway-failure run waits for
+    mn1's fail-back hold-down, which sets that section's pace."""
     try:
-        at = next(i for i, ln in enumerate(lines) if ln.strip() == "[node]")
-    except StopIteration:
-        raise LabFailure("the node config has no [node] section") from None
-    lines.insert(at + 1, f"failback_hold_down = {seconds:g}  # the benchmark's own")
-    return "\n".join(lines) + "\n"
+        node = tomllib.loads(config).get("node") or {}
+    except tomllib.TOMLDecodeError as exc:
+        raise LabFailure(f"the node config is not valid TOML: {exc}") from None
+    value = node.get(key, NODE_DEFAULTS[key])
+    if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
+        raise LabFailure(f"[node] {key} = {value!r}: not a number of seconds")
+    return float(value)
+
+
+def lab_mn1_seconds(key: str) -> float:
+    """A [node] timer of mn1 in the lab (lab/config/mn1.toml, which the lab runs)."""
+    return node_seconds(MN1_CONFIG.read_text(), key)
 
 
 def _add_same_family_net(data: dict[str, Any], services: dict[str, Any]) -> None:
@@ -171,7 +177,7 @@ def bench_compose(
         pki = services["pki"]
         pki["command"] = [str(spec_path) if c == "lab/pki.toml" else c for c in pki["command"]]
         config = work / f"{DIRECT_NODE}.toml"
-        config.write_text((REPO / "lab" / "config" / "mn1.toml").read_text().replace("mn1", "mnd"))
+        config.write_text(MN1_CONFIG.read_text().replace("mn1", "mnd"))
         node = {k: v for k, v in services["mn1"].items() if k not in ("x-ntm-roam", "environment")}
         node["command"] = ["ntm", "node", "--config", str(config)]
         node["networks"] = {"internet": {"ipv4_address": DIRECT_ADDRESS}}
@@ -183,10 +189,6 @@ def bench_compose(
         services[DIRECT_NODE] = node
     if failover:
         _add_same_family_net(data, services)
-        config = work / "mn1.toml"
-        text = (REPO / "lab" / "config" / "mn1.toml").read_text()
-        config.write_text(with_hold_down(text, FAILBACK_HOLD_DOWN))
-        services["mn1"]["command"] = ["ntm", "node", "--config", str(config)]
     if lb:
         plain = {k: v for k, v in services["lb"].items() if k in ("build", "image", "working_dir")}
         services[DMZ_CLIENT] = {

@@ -71,6 +71,25 @@ def _first_line(argv: list[str]) -> str | None:
     return text.splitlines()[0] if text else None
 
 
+def source_info(repo: Path) -> dict[str, Any]:
+    """Which code was measured: the commit, and how many files differed from it."""
+    head = _first_line(["git", "-C", str(repo), "log", "-1", "--oneline"])
+    changed = None
+    if head is not None:
+        try:
+            done = subprocess.run(
+                ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+                check=False,
+            )
+            changed = len(done.stdout.splitlines()) if done.returncode == 0 else None
+        except (OSError, subprocess.TimeoutExpired):
+            changed = None
+    return {"commit": head, "uncommitted_changed_files": changed}
+
+
 def cpu_model() -> str:
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("model name"):

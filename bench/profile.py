@@ -11,6 +11,9 @@ from typing import Any
 
 # Frames every sample passes through (interpreter entry, event loop): not worth listing.
 SCAFFOLD_PERCENT = 97.0
+# A sample whose innermost frame is the event loop's poll is the node waiting for work
+# (py-spy --nonblocking cannot tell idle threads apart): kept out of the "busy" shares.
+WAITING = "(selectors.py:"
 
 
 def py_spy() -> str | None:
@@ -39,13 +42,24 @@ def fold(collapsed: str) -> tuple[int, Counter[str], Counter[str]]:
 def top_frames(collapsed: str, limit: int = 15) -> dict[str, Any]:
     total, own, inclusive = fold(collapsed)
     if not total:
-        return {"samples": 0, "self": [], "inclusive": []}
+        return {"samples": 0, "waiting_percent": 0.0, "busy_self": [], "self": [], "inclusive": []}
 
     def pct(n: int) -> float:
         return round(100.0 * n / total, 1)
 
+    waiting = sum(n for f, n in own.items() if WAITING in f)
+    busy = total - waiting
     return {
         "samples": total,
+        "waiting_percent": pct(waiting),
+        # Where the node spends the time it is not waiting: shares of the busy samples.
+        "busy_self": [
+            {"frame": f, "percent": round(100.0 * n / busy, 1)}
+            for f, n in own.most_common()
+            if WAITING not in f
+        ][:limit]
+        if busy
+        else [],
         "self": [{"frame": f, "percent": pct(n)} for f, n in own.most_common(limit)],
         "inclusive": [
             {"frame": f, "percent": pct(n)}

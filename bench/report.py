@@ -157,6 +157,13 @@ def render(doc: Mapping[str, Any]) -> str:
         f"ntm bench {'(quick) ' if _get(doc, 'options', 'quick') else ''}"
         f"on {m.get('nproc', '?')} x {m.get('cpu_model', '?')}, kernel {m.get('kernel', '?')}"
     )
+    src = doc.get("source")
+    if isinstance(src, Mapping) and src.get("commit"):
+        changed = src.get("uncommitted_changed_files")
+        lines.append(
+            f"code: {src['commit']}"
+            + (f" + {changed} uncommitted changed files" if changed else "")
+        )
     tunnel = doc.get("tunnel") or {}
     if tunnel:
         secs, rounds = (_get(doc, "options", k) for k in ("iperf_seconds", "iperf_rounds"))
@@ -178,6 +185,7 @@ def render(doc: Mapping[str, Any]) -> str:
                     ]
                 )
         lines += table(["path", "plain", "ntm", "openvpn", "ntm/ovpn", "ntm/plain"], rows)
+        lines += _gso_lines(doc)
         rows = [
             [
                 PAIR_LABEL.get(key, key),
@@ -202,6 +210,7 @@ def render(doc: Mapping[str, Any]) -> str:
                 [PAIR_LABEL.get(key, key), *cells, times(_get(per, "ratios_p50", "ntm/openvpn"))]
             )
         lines += table(["path", "plain", "ntm", "openvpn", "p50 ntm/ovpn"], rows)
+    lines += _profile_lines(doc)
     lines += _relay_lines(doc)
     lines += _lb_lines(doc)
     lines += _health_lines(doc)
@@ -271,6 +280,7 @@ def render(doc: Mapping[str, Any]) -> str:
         lines += ["", "Goals (issues 3, 5 and 7)"]
         rows = [[c["goal"], c["target"], c["measured"], mark(c["met"])] for c in checks]
         lines += table(["goal", "target", "measured", ""], rows)
+    lines += _time_lines(doc)
     errors = doc.get("errors") or []
     if errors:
         lines += ["", "Errors (these sections did not complete):"]
@@ -453,6 +463,10 @@ FAILOVER_ROWS = (
 )
 
 
+NOT_BUILT = "not built yet"
+GATEWAY_ROWS = ("gateway_failure", "uplink_cut")
+
+
 def _failover_goals(doc: Mapping[str, Any]) -> list[dict[str, Any]]:
     fo = doc.get("failover")
     if not isinstance(fo, Mapping):
@@ -465,7 +479,7 @@ def _failover_goals(doc: Mapping[str, Any]) -> list[dict[str, Any]]:
             continue
         if r.get("built") is False:
             target = _get(fo, "goals", key) or "?"
-            out.append(_check(f"{label} (issue 5)", target, "not built", False))
+            out.append(_check(f"{label} (issue 5)", target, NOT_BUILT, None))
             continue
         goal = r.get("goal")
         if not isinstance(goal, Mapping) or goal.get("text") in (None, "none set"):
@@ -482,6 +496,8 @@ def _failover_lines(doc: Mapping[str, Any]) -> list[str]:
     fo = doc.get("failover")
     if not isinstance(fo, Mapping):
         return []
+    pub = fo.get("published_s") or {}
+    published = f"VRRP {num(pub.get('vrrp_s'), 1)} s, seed {num(pub.get('seed_paper_s'), 1)} s"
     rows = []
     for key in FAILOVER_ROWS:
         r = fo.get(key)
@@ -489,10 +505,11 @@ def _failover_lines(doc: Mapping[str, Any]) -> list[str]:
         if not isinstance(r, Mapping):
             continue
         if r.get("built") is False:
-            rows.append([label, "not built", "", "", "", "", "", str(_get(fo, "goals", key))])
+            target = f"{_get(fo, 'goals', key)} (no figure)"
+            rows.append([label, NOT_BUILT, "", "", "", "", "", target, ""])
             continue
         if "error" in r and "gap_ms" not in r:
-            rows.append([label, "error", "", "", "", "", "", str(r["error"])[:60]])
+            rows.append([label, "error", "", "", "", "", "", str(r["error"])[:60], ""])
             continue
         g = r.get("gap_ms") or {}
         goal = r.get("goal") or {}
@@ -505,20 +522,30 @@ def _failover_lines(doc: Mapping[str, Any]) -> list[str]:
                 *(num(g.get(q), 1) for q in ("p50", "p90", "p99", "max")),
                 f"{num(_get(r, 'lost', 'p50'), 0)} / {num(_get(r, 'lost', 'max'), 0)}",
                 text if text == "none set" else f"{text} {mark(met)}",
+                published if key in GATEWAY_ROWS else "",
             ]
         )
-    pub = fo.get("published_s") or {}
     lines = [
         "",
         "Failover: gap in a 1 kHz UDP stream mn1 -> www.example.com:9000 (through the tunnel), "
         "ms: the longest time without an echo around each event",
         *table(
-            ["event", "runs", "p50", "p90", "p99", "max", "lost p50 / max", "goal (issue 5)"],
+            [
+                "event",
+                "runs",
+                "p50",
+                "p90",
+                "p99",
+                "max",
+                "lost p50 / max",
+                "goal (issue 5)",
+                "published",
+            ],
             rows,
         ),
-        f"  published figures, not measured here: VRRP {num(pub.get('vrrp_s'), 1)} s, "
-        f"the seed paper's VPN failover {num(pub.get('seed_paper_s'), 1)} s "
-        "(5 s detection + 318 ms re-setup)",
+        "  published: figures from the literature, not measured here (../shared/REFERENCES.md):"
+        f" VRRP {num(pub.get('vrrp_s'), 1)} s, the seed paper's VPN failover "
+        f"{num(pub.get('seed_paper_s'), 1)} s (5 s detection + 318 ms re-setup)",
     ]
     for key in ("gateway_failure", "uplink_cut"):
         r = fo.get(key)
@@ -544,5 +571,68 @@ def _failover_lines(doc: Mapping[str, Any]) -> list[str]:
             )
     lines += [f"  {text}" for text in odd]
     hold = fo.get("failback_hold_down_s")
-    lines.append(f"  mn1's fail-back hold-down in this lab: {num(hold, 0)} s (the benchmark's)")
+    outage = num(fo.get("allowed_outage_s"), 1)
+    lines.append(
+        f"  mn1 (lab/config/mn1.toml): allowed outage {outage} s, fail-back hold-down "
+        f"{num(hold, 0)} s"
+    )
     return lines
+
+
+def _time_lines(doc: Mapping[str, Any]) -> list[str]:
+    times_ = doc.get("section_times")
+    if not isinstance(times_, Mapping) or not times_:
+        return []
+    rows = []
+    for name, t in times_.items():
+        load = t.get("loadavg_1min") or ["?", "?"]
+        rows.append([name, num(t.get("wall_s"), 1), f"{load[0]} -> {load[-1]}"])
+    total = doc.get("duration_s")
+    rows.append(["total", num(total, 1), ""])
+    return ["", "Section times", *table(["section", "wall s", "load avg (1 min)"], rows)]
+
+
+def _profile_lines(doc: Mapping[str, Any], top: int = 6) -> list[str]:
+    """--profile: where each tunnel end spends its busy time (py-spy, self time)."""
+    prof = doc.get("profile")
+    if not isinstance(prof, Mapping):
+        return []
+    lines = [
+        "",
+        f"Profile ({prof.get('tool', 'py-spy')}, TCP through the tunnel at "
+        f"{num(prof.get('iperf3_tcp_mbps_while_sampled'))} Mbit/s): self time, % of the "
+        "samples where the node was not waiting in its event loop",
+    ]
+    if prof.get("error"):
+        lines.append(f"  error: {prof['error']}")
+    for name, node in prof.items():
+        if not isinstance(node, Mapping) or "samples" not in node:
+            continue
+        lines.append(
+            f"  {name}: {node['samples']} samples, {num(node.get('waiting_percent'))} % waiting; "
+            f"raw stacks {node.get('raw', '?')}"
+        )
+        if node.get("error"):
+            lines.append(f"    error: {str(node['error'])[:200]}")
+        for frame in (node.get("busy_self") or [])[:top]:
+            lines.append(f"    {num(frame.get('percent')):>5} %  {frame.get('frame')}")
+    return lines
+
+
+def _gso_lines(doc: Mapping[str, Any]) -> list[str]:
+    """Evidence that the current data path ran: UDP GSO sends on both tunnel ends."""
+    out = []
+    for key, pair in (_get(doc, "lab", "pairs") or {}).items():
+        gso = pair.get("gso") if isinstance(pair, Mapping) else None
+        if not isinstance(gso, Mapping):
+            continue
+        parts = []
+        for node, g in gso.items():
+            per = g.get("datagrams_per_send")
+            off = ", GSO switched off" if g.get("disabled_ever") else ""
+            parts.append(
+                f"{node} {num(g.get('tx_gso_datagrams'), 0)} datagrams in "
+                f"{num(g.get('tx_gso_sends'), 0)} GSO sends ({num(per)}/send{off})"
+            )
+        out.append(f"  {PAIR_LABEL.get(key, key)}, our tunnel's UDP GSO: " + "; ".join(parts))
+    return out

@@ -70,6 +70,24 @@ def tunnel_to_cn(lab: BenchLab, client: str) -> str:
     return tunnel_to(lab, client, MARKED_NAME, CN)
 
 
+GSO_KEYS = ("tx_gso_sends", "tx_gso_datagrams", "tx_gso_disabled")
+
+
+def gso_counters(lab: BenchLab, node: str) -> dict[str, int]:
+    """The node engine's UDP GSO counters (ntm_io.udp_batch), from its status."""
+    engine = (lab.status(node).get("counters") or {}).get("engine") or {}
+    return {k: int(engine.get(k, 0)) for k in GSO_KEYS}
+
+
+def gso_delta(before: dict[str, int], after: dict[str, int]) -> dict[str, Any]:
+    """GSO use over the tests: sends, datagrams they carried, per send; disabled ever."""
+    out: dict[str, Any] = {k: after.get(k, 0) - before.get(k, 0) for k in GSO_KEYS}
+    sends = out["tx_gso_sends"]
+    out["datagrams_per_send"] = round(out["tx_gso_datagrams"] / sends, 1) if sends else None
+    out["disabled_ever"] = after.get("tx_gso_disabled", 0) > 0
+    return out
+
+
 def path_summary(lab: BenchLab, client: str) -> list[dict[str, Any]]:
     """The client node's paths as its status shows them: which outer address carries them."""
     keys = ("path_id", "peer_fqdn", "kind", "role", "state", "peer_address")

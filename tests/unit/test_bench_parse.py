@@ -15,6 +15,7 @@ from bench.openvpn import (
     server_argv,
 )
 from bench.profile import fold, top_frames
+from bench.report import render
 from bench.stats import parse_ping, percentile, summary
 
 
@@ -115,6 +116,31 @@ def test_py_spy_stacks_fold_into_self_and_inclusive_shares() -> None:
     assert top_frames("")["samples"] == 0
 
 
+def test_profile_busy_shares_leave_out_the_event_loop_wait() -> None:
+    raw = (
+        "main (m.py:1);select (selectors.py:468) 50\n"
+        "main (m.py:1);seal (crypto.py:183) 30\n"
+        "main (m.py:1);write (tun.py:299) 20\n"
+    )
+    top = top_frames(raw)
+    assert top["waiting_percent"] == 50.0
+    assert top["busy_self"] == [
+        {"frame": "seal (crypto.py:183)", "percent": 60.0},
+        {"frame": "write (tun.py:299)", "percent": 40.0},
+    ]
+    doc = {
+        "machine": {},
+        "profile": {
+            "tool": "py-spy",
+            "iperf3_tcp_mbps_while_sampled": 115.8,
+            "mn1": {"raw": "/r/mn1.txt", **top},
+        },
+    }
+    text = render(doc)
+    assert "mn1: 100 samples, 50.0 % waiting; raw stacks /r/mn1.txt" in text
+    assert " 60.0 %  seal (crypto.py:183)" in text
+
+
 def test_openvpn_command_lines_use_gcm_tls_and_no_dco() -> None:
     from pathlib import Path
 
@@ -136,3 +162,28 @@ def test_openvpn_command_lines_use_gcm_tls_and_no_dco() -> None:
     log = "... Data Channel: cipher 'AES-256-GCM', peer-id: 0\n"
     assert negotiated_cipher(log) == "AES-256-GCM"
     assert negotiated_cipher("nothing yet") is None
+
+
+def test_gso_use_is_counted_over_the_tests_and_shown_under_the_throughput() -> None:
+    from bench.tunnel import gso_delta
+
+    before = {"tx_gso_sends": 10, "tx_gso_datagrams": 200, "tx_gso_disabled": 0}
+    after = {"tx_gso_sends": 110, "tx_gso_datagrams": 3_200, "tx_gso_disabled": 0}
+    mn1 = gso_delta(before, after)
+    assert mn1 == {
+        "tx_gso_sends": 100,
+        "tx_gso_datagrams": 3_000,
+        "tx_gso_disabled": 0,
+        "datagrams_per_send": 30.0,
+        "disabled_ever": False,
+    }
+    cn2 = gso_delta(before, {**before, "tx_gso_disabled": 1})
+    assert cn2["datagrams_per_send"] is None and cn2["disabled_ever"] is True
+    doc = {
+        "machine": {},
+        "tunnel": {"nat": {}},
+        "lab": {"pairs": {"nat": {"gso": {"mn1": mn1, "cn2": cn2}}}},
+    }
+    text = render(doc)
+    assert "mn1 3,000 datagrams in 100 GSO sends (30.0/send)" in text
+    assert "cn2 0 datagrams in 0 GSO sends (-/send, GSO switched off)" in text

@@ -311,3 +311,32 @@ def test_bench_compose_refuses_an_address_the_lab_took_meanwhile(
     monkeypatch.setattr("bench.labctl.DIRECT_ADDRESS", "198.51.100.30")  # cn2's
     with pytest.raises(LabFailure, match=r"compose.yaml now uses 198\.51\.100\.30"):
         bench_compose(tmp_path, with_direct=True)
+
+
+def test_section_times_are_recorded_with_the_load_and_shown() -> None:
+    from bench.cli import _timed
+
+    doc: dict[str, Any] = {"machine": {}}
+    with _timed(doc, "relay"):
+        pass
+    with pytest.raises(RuntimeError), _timed(doc, "lb"):  # a broken section is timed too
+        raise RuntimeError("boom")
+    assert set(doc["section_times"]) == {"relay", "lb"}
+    for entry in doc["section_times"].values():
+        assert entry["wall_s"] >= 0 and len(entry["loadavg_1min"]) == 2
+    doc["section_times"] = {"relay": {"wall_s": 25.1, "loadavg_1min": [5.14, 4.74]}}
+    doc["duration_s"] = 695.3
+    lines = render(doc).splitlines()
+    at = lines.index("Section times")
+    assert lines[at + 2].split() == ["relay", "25.1", "5.14", "->", "4.74"]
+    assert lines[at + 3].split() == ["total", "695.3"]
+
+
+def test_render_names_the_code_measured() -> None:
+    doc: dict[str, Any] = {
+        "machine": {},
+        "source": {"commit": "abc1234 x", "uncommitted_changed_files": 3},
+    }
+    assert "code: abc1234 x + 3 uncommitted changed files" in render(doc).splitlines()
+    doc["source"]["uncommitted_changed_files"] = 0
+    assert "code: abc1234 x" in render(doc).splitlines()
