@@ -31,7 +31,7 @@ from ntm_io.config import ConfigError
 
 from . import lb, openvpn, procstat, profile, report, tunnel
 from .dc_capacity import run_dc
-from .failover import BACKUP, run_failover
+from .failover import BACKUP, EVENT_GROUPS, MBB_CLIENT, parse_events, run_failover
 from .iperf import IperfError, parse_iperf3
 from .labctl import CN, CN_ADDRESS, DIRECT_ADDRESS, DIRECT_NODE, REPO, BenchLab, LabFailure
 from .nsproc import Processes, in_ns
@@ -65,6 +65,7 @@ class Plan:
     health_cycles: int
     failover_runs: int  # per event kind (issue 5 asks for 20)
     setup_fresh: str = "forget"  # how a set-up run starts without a path (FRESH_MODES)
+    failover_events: tuple[str, ...] = EVENT_GROUPS  # --failover-events
 
     @classmethod
     def make(
@@ -73,6 +74,7 @@ class Plan:
         setup_runs: int | None = None,
         setup_fresh: str = "forget",
         failover_runs: int | None = None,
+        failover_events: tuple[str, ...] = EVENT_GROUPS,
     ) -> Plan:
         if quick:
             plan = cls(True, 3, 1, 200, 0.01, 20, 100_000, 5_000, 3.0, 5, 3.0, 1, 6, 2, 5)
@@ -87,7 +89,7 @@ class Plan:
             plan = dataclasses.replace(plan, setup_runs=setup_runs)
         if failover_runs is not None:
             plan = dataclasses.replace(plan, failover_runs=failover_runs)
-        return dataclasses.replace(plan, setup_fresh=setup_fresh)
+        return dataclasses.replace(plan, setup_fresh=setup_fresh, failover_events=failover_events)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -122,6 +124,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="N",
         help="runs per failover event (default 20, 5 with --quick)",
+    )
+    parser.add_argument(
+        "--failover-events",
+        default=",".join(EVENT_GROUPS),
+        metavar="LIST",
+        help=f"comma-separated failover events to run, from {','.join(EVENT_GROUPS)} "
+        "(gateway: the gateway failure, uplink cut and fail-back; default all)",
     )
     parser.add_argument(
         "--setup-fresh",
@@ -185,7 +194,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--setup-runs {args.setup_runs}: give at least 1")
     if args.failover_runs is not None and args.failover_runs < 1:
         raise ConfigError(f"--failover-runs {args.failover_runs}: give at least 1")
-    plan = Plan.make(args.quick, args.setup_runs, args.setup_fresh, args.failover_runs)
+    events = parse_events(args.failover_events)
+    plan = Plan.make(args.quick, args.setup_runs, args.setup_fresh, args.failover_runs, events)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = args.out or Path("results") / f"bench-{stamp}.json"
     doc: dict[str, Any] = {
@@ -324,7 +334,7 @@ def _lab_sections_in(
     procs = Processes()
     clients = [NAT_CLIENT, DIRECT_NODE] if want_tunnel else [NAT_CLIENT]
     others = (["cn1"] if reach else []) + ([lb.NTMA] if with_lb or with_failover else [])
-    others += [BACKUP] if with_failover else []
+    others += [BACKUP, MBB_CLIENT] if with_failover else []
     try:
         _progress(f"lab {lab.name} up (state {lab.state})")
         try:
@@ -414,7 +424,9 @@ def _lab_sections_in(
             _progress(f"failover: 1 kHz UDP probe, {plan.failover_runs} runs per event")
             with _timed(doc, "failover"):
                 try:
-                    doc["failover"] = run_failover(lab, plan.failover_runs, _progress)
+                    doc["failover"] = run_failover(
+                        lab, plan.failover_runs, _progress, plan.failover_events
+                    )
                     _nested_errors(doc, "failover", doc["failover"])
                 except (LabFailure, OSError, subprocess.TimeoutExpired) as exc:
                     _error(doc, "failover", exc)

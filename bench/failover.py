@@ -15,8 +15,12 @@ silence around it and the probes lost. Events, RUNS each:
   address), then up again; then the run waits for mn1's fail-back to ntma1 after its
   hold-down (measured too: "fail-back") before the next run.
 
-Make-before-break with two interfaces is not built yet: reported as "not built yet" under
-MBB_KEY, never with a number; its runs go here once the lab gives mn1 two interfaces.
+- make-before-break, two interfaces: mn3 sits on access-a (IPv4 behind nat-a) and access-b
+  (IPv6 only) at once with a path ready on each; each run asks its node to prefer the other
+  uplink (`ntm_node.multihome_client.prefer_uplink`, the admin request `prefer`),
+  access-a -> access-b and back, alternately. mn3 runs the same probe stream.
+
+`--failover-events` (EVENT_GROUPS) runs some of these only.
 """
 
 from __future__ import annotations
@@ -32,11 +36,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ntm_io.status import StatusError
+from ntm_io.config import ConfigError
+from ntm_io.status import AdminError, StatusError
+from ntm_node.multihome_client import UplinkSwitch, prefer_uplink
 
 from .gaps import (
     GATEWAY_GOAL,
     HANDOVER_GOAL,
+    LOST_BEFORE,
     MBB_GOAL,
     PUBLISHED,
     Goal,
@@ -78,7 +85,15 @@ FAILBACK_SLACK = 30.0  # s beyond the hold-down for a fail-back (ntma1's start, 
 MAX_FAILED = 3  # runs in a row of one kind: the lab is broken, stop that kind
 
 MBB_KEY = "handover_make_before_break"
-MBB_NOT_BUILT = "not built yet: mn1 has one access interface at a time in this lab"
+MBB_CLIENT = "mn3"  # on access-a and access-b at once (compose.yaml, lab/config/mn3.toml)
+MBB_UPLINKS = ("access-a", "access-b")  # mn3's interfaces are named after the networks
+MBB_READY_BOUND = 30.0  # s for mn3's path to be ready on both uplinks
+SWITCH_BOUND = 10.0  # s for the paths to move once asked
+STEADY_BOUND = 10.0  # s after the move for the stream to be steady again
+
+# What `--failover-events` picks from, in the order they run; "gateway" is the gateway
+# failure, the uplink cut and the fail-back (one run causes all three).
+EVENT_GROUPS = ("same_family", "different_family", "mbb", "gateway")
 
 EVENTS: dict[str, tuple[str, Goal | None]] = {
     "handover_same_family": ("handover, same family (IPv4 NAT a <-> IPv4 NAT c)", HANDOVER_GOAL),
@@ -86,7 +101,10 @@ EVENTS: dict[str, tuple[str, Goal | None]] = {
         "handover, different family (IPv4 NAT <-> IPv6 only)",
         HANDOVER_GOAL,
     ),
-    "handover_make_before_break": ("handover, make-before-break, two interfaces", MBB_GOAL),
+    "handover_make_before_break": (
+        "handover, make-before-break, two interfaces (mn3)",
+        MBB_GOAL,
+    ),
     "gateway_failure": ("gateway failure (kill ntma1 -> ntma2)", GATEWAY_GOAL),
     "failback": ("fail-back to ntma1 after its hold-down", None),
     "uplink_cut": ("uplink cut of ntma2 (isp1 <-> isp2)", GATEWAY_GOAL),
@@ -110,9 +128,11 @@ def probe_argv() -> list[str]:
 
 
 class Stream:
-    """The probe running in mn1's namespace; its lines land in `log` as they come."""
+    """The probe running in a client's namespace (mn1, or mn3 for make-before-break); its
+    lines land in `log` as they come."""
 
-    def __init__(self, lab: BenchLab, name: str) -> None:
+    def __init__(self, lab: BenchLab, name: str, client: str = CLIENT) -> None:
+        self.client = client
         self.log = StreamLog(gap_threshold=GAP_MS / 1000)
         self.lock = threading.Lock()
         # Everything the probe said, for a look afterwards (`--keep-work`).
@@ -120,7 +140,7 @@ class Stream:
         raw.parent.mkdir(parents=True, exist_ok=True)
         self.raw = raw.open("w")
         self.proc = subprocess.Popen(
-            in_ns(lab.ns(CLIENT), probe_argv()),
+            in_ns(lab.ns(client), probe_argv()),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -148,7 +168,9 @@ class Stream:
                 break
             time.sleep(0.05)
         err = self.stop_and_read_errors()
-        raise LabFailure(f"the UDP probe in {CLIENT} got no steady echo within {bound:g} s: {err}")
+        raise LabFailure(
+            f"the UDP probe in {self.client} got no steady echo within {bound:g} s: {err}"
+        )
 
     def steady(self, since: float, settle: float) -> bool:
         with self.lock:
@@ -361,6 +383,191 @@ def run_handover(runner: Runner, key: str, runs: int) -> dict[str, Any]:
     return out | ({"error": error} if error else {})
 
 
+def standby_ready(status: Mapping[str, Any], lately: float = 2.0) -> bool:
+    """mn3 has a multihomed path, and on every path a leg on another uplink answered a
+    standby probe in the last `lately` s: a switch can be make-before-break."""
+    paths = (status.get("multihome") or {}).get("paths") or []
+
+    def ready(path: Mapping[str, Any]) -> bool:
+        legs = [g for g in path.get("legs") or [] if g.get("local") != path.get("local")]
+        return bool(legs) and all(
+            (g.get("answered") or 0) > 0
+            and isinstance(g.get("answered_ago_s"), int | float)
+            and g["answered_ago_s"] < lately
+            for g in legs
+        )
+
+    return bool(paths) and all(ready(p) for p in paths)
+
+
+def stream_on(sent: Mapping[str, int], uplink: str) -> bool:
+    """The frames mn3 sent over a settled run (~1 000 probes/s) left by `uplink`: the other
+    one carried at most standby probes."""
+    other = sum(n for name, n in sent.items() if name != uplink)
+    return sent.get(uplink, 0) >= 100 and other * 4 < sent[uplink]
+
+
+class Multihomed:
+    """mn3 in the bench lab: its status, its preference, its interface counters."""
+
+    def __init__(self, lab: BenchLab) -> None:
+        self.lab = lab
+        self.socket = lab.socket(MBB_CLIENT)
+
+    def status(self) -> dict[str, Any]:
+        try:
+            return self.lab.status(MBB_CLIENT)
+        except StatusError:
+            return {}
+
+    def prefer(self, uplink: str) -> UplinkSwitch:
+        return prefer_uplink(self.socket, uplink, bound=SWITCH_BOUND)
+
+    def tx_packets(self) -> dict[str, int]:
+        """Frames sent so far on each uplink (the kernel's counters in mn3's namespace)."""
+        files = [f"/sys/class/net/{n}/statistics/tx_packets" for n in MBB_UPLINKS]
+        done = run_in(self.lab.ns(MBB_CLIENT), ["cat", *files], timeout=10)
+        values = done.stdout.split()
+        if done.returncode != 0 or len(values) != len(MBB_UPLINKS):
+            raise LabFailure(f"no interface counters in {MBB_CLIENT}: {done.stderr.strip()}")
+        return dict(zip(MBB_UPLINKS, (int(v) for v in values), strict=True))
+
+    def wait_ready(self, bound: float = MBB_READY_BOUND) -> None:
+        deadline = time.monotonic() + bound
+        while time.monotonic() < deadline:
+            if standby_ready(self.status()):
+                return
+            time.sleep(0.05)
+        paths = (self.status().get("multihome") or {}).get("paths")
+        raise LabFailure(f"{MBB_CLIENT}'s path not ready on both uplinks in {bound:g} s: {paths}")
+
+
+def wait_steady(stream: Stream, since: float, bound: float) -> float | None:
+    """Until the stream has been steady for SETTLE s after `since` (None), at most `bound`
+    s: then the last echo (the silence that began there was still on)."""
+    deadline = since + bound
+    while time.monotonic() < deadline:
+        if time.monotonic() - since >= SETTLE and stream.steady(since, SETTLE):
+            return None
+        time.sleep(0.02)
+    return stream.last_echo()
+
+
+def lost_outside(lost: list[float], windows: list[dict[str, Any]]) -> dict[str, int]:
+    """Probes lost outside every run's window (the probe's totals count the whole stream):
+    before the first run (start-up, the unmeasured move to access-a), between runs, after
+    the last."""
+    spans = [(w["t0"] - LOST_BEFORE, w["t1"]) for w in windows]
+    out = {"before_first": 0, "between": 0, "after_last": 0}
+    for t in lost:
+        if any(a <= t <= b for a, b in spans):
+            continue
+        if not spans or t < spans[0][0]:
+            out["before_first"] += 1
+        elif t > spans[-1][1]:
+            out["after_last"] += 1
+        else:
+            out["between"] += 1
+    return out
+
+
+def mbb_targets(runs: int) -> list[str]:
+    """access-b, access-a, access-b, ...: from access-a (where each series starts) and back."""
+    return [MBB_UPLINKS[(i + 1) % 2] for i in range(runs)]
+
+
+def run_make_before_break(runner: Runner, runs: int) -> dict[str, Any]:
+    """Per run: prefer mn3's other uplink (t0 = the request), wait until its paths use it and
+    the stream has been steady for SETTLE s; the interface counters over that settled time
+    show which uplink carried the stream."""
+    lab = runner.lab
+    mn3 = Multihomed(lab)
+    stream = Stream(lab, "make-before-break", client=MBB_CLIENT)
+    windows: list[dict[str, Any]] = []
+    unhandled: list[str] = []
+    error: str | None = None
+    try:
+        stream.wait_flowing()
+        mn3.wait_ready()
+        # Each series starts on access-a (the configured preference), whichever answered
+        # first; not measured.
+        mn3.prefer(MBB_UPLINKS[0])
+        if wait_steady(stream, time.monotonic(), STEADY_BOUND) is not None:
+            raise LabFailure(f"no steady stream from {MBB_CLIENT} on {MBB_UPLINKS[0]}")
+        for i, uplink in enumerate(mbb_targets(runs)):
+            # Make-before-break needs the standby leg proven: wait for it (not measured).
+            mn3.wait_ready()
+            asked = time.monotonic()
+            try:
+                switch = mn3.prefer(uplink)
+            except (AdminError, TimeoutError) as exc:
+                unhandled.append(f"run {i}: prefer {uplink}: {_error(exc)}")
+                cut_short = wait_steady(stream, time.monotonic(), STEADY_BOUND)
+                windows.append(
+                    {
+                        "t0": asked,
+                        "t1": time.monotonic(),
+                        "censored_from": cut_short,
+                        "handled": False,
+                        "to": uplink,
+                    }
+                )
+            else:
+                before = mn3.tx_packets()
+                cut_short = wait_steady(stream, switch.done_at, STEADY_BOUND)
+                sent = {n: c - before[n] for n, c in mn3.tx_packets().items()}
+                windows.append(
+                    {
+                        "t0": switch.requested_at,
+                        "t1": time.monotonic(),
+                        "censored_from": cut_short,
+                        "handled": True,
+                        "to": uplink,
+                        "address": switch.address,
+                        "paths_moved_ms": round(1000 * (switch.done_at - switch.requested_at), 2),
+                        "node_switched_ms": (
+                            None
+                            if switch.switched_at is None
+                            else round(1000 * (switch.switched_at - switch.requested_at), 2)
+                        ),
+                        "tx_frames_settled": sent,
+                        "stream_on_target": stream_on(sent, uplink),
+                    }
+                )
+                if not stream_on(sent, uplink):
+                    unhandled.append(f"run {i}: the stream did not leave by {uplink}: {sent}")
+            last = windows[-MAX_FAILED:]
+            if len(last) == MAX_FAILED and not any(w["handled"] for w in last):
+                error = f"{MAX_FAILED} switches in a row failed: the lab is broken"
+                break
+    except (LabFailure, AdminError, TimeoutError, OSError, subprocess.TimeoutExpired) as exc:
+        error = _error(exc)  # the runs so far still count
+    finally:
+        log = stream.stop()
+    runs_out = _figures(log, windows)
+    counters = (mn3.status().get("multihome") or {}).get("counters")
+    out = {
+        "event": f"{MBB_CLIENT}'s admin request prefer {MBB_UPLINKS[1]} / {MBB_UPLINKS[0]}, "
+        "alternately (ntm_node.multihome_client.prefer_uplink); t0 = the request",
+        "client": MBB_CLIENT,
+        "per_run": runs_out,
+        **summarize(runs_out, MBB_GOAL),
+        "by_direction": {
+            to: summarize([r for r in runs_out if r["to"] == to], None)["gap_ms"]
+            for to in MBB_UPLINKS
+        },
+        "paths_moved_ms": summary(
+            [float(r["paths_moved_ms"]) for r in runs_out if "paths_moved_ms" in r], 2
+        ),
+        "stream_off_target_runs": sum(1 for r in runs_out if r.get("stream_on_target") is False),
+        "probe_totals": log.totals,
+        "lost_outside_runs": lost_outside(log.lost, windows),
+        "node_counters": counters,
+        "unhandled_runs": unhandled,
+    }
+    return out | ({"error": error} if error else {})
+
+
 def _last_event(status: Mapping[str, Any], kind: str) -> dict[str, Any] | None:
     events = [
         e for e in (status.get("failover") or {}).get("events") or [] if e.get("kind") == kind
@@ -516,15 +723,34 @@ def _wait_link(lab: BenchLab, uplink: str, bound: float = 10.0) -> None:
     raise LabFailure(f"{BACKUP} does not reach {router} on {uplink} {bound:g} s after link up")
 
 
-def run_failover(lab: BenchLab, runs: int, progress: Callable[[str], None]) -> dict[str, Any]:
+def parse_events(text: str) -> tuple[str, ...]:
+    """`--failover-events`: comma-separated names from EVENT_GROUPS, in their run order."""
+    chosen = [e.strip() for e in text.split(",") if e.strip()]
+    unknown = [e for e in chosen if e not in EVENT_GROUPS]
+    if unknown or not chosen:
+        raise ConfigError(
+            f"--failover-events {text!r}: unknown event(s) {', '.join(unknown) or '(none given)'}"
+            f"; pick from {','.join(EVENT_GROUPS)}"
+        )
+    return tuple(e for e in EVENT_GROUPS if e in chosen)
+
+
+def run_failover(
+    lab: BenchLab,
+    runs: int,
+    progress: Callable[[str], None],
+    events: tuple[str, ...] = EVENT_GROUPS,
+) -> dict[str, Any]:
     runner = Runner(lab, progress)
     hold_down = lab_mn1_seconds("failback_hold_down")
     out: dict[str, Any] = {
         "runs": runs,
+        "events": list(events),
         "probe": f"ip netns exec <lab>-{CLIENT} " + shlex.join(probe_argv()),
         "how": (
-            f"{RATE} UDP datagrams/s from {CLIENT} to {SERVICE_NAME}:{UDP_PORT} (through the "
-            "tunnel to the NTMA, the LB's sh service, a web server's echo); gap = the longest "
+            f"{RATE} UDP datagrams/s from {CLIENT} ({MBB_CLIENT} for make-before-break) to "
+            f"{SERVICE_NAME}:{UDP_PORT} (through the tunnel to the NTMA, the LB's sh service, "
+            "a web server's echo); gap = the longest "
             f"time without an echo overlapping [event caused, event handled + {SETTLE:g} s "
             f"steady]; silences under {GAP_MS:g} ms are not reported by the probe (a gap "
             f"shown as {GAP_MS:g} ms means at most that); lost = probes sent from 0.1 s before "
@@ -535,12 +761,11 @@ def run_failover(lab: BenchLab, runs: int, progress: Callable[[str], None]) -> d
         "published_s": PUBLISHED,
         "labels": {k: v[0] for k, v in EVENTS.items()},
         "goals": {k: (v[1].text() if v[1] else "none set") for k, v in EVENTS.items()},
-        # The place for make-before-break with two interfaces (being built): until the lab
-        # gives mn1 a second access interface, no run, no number.
-        MBB_KEY: {"built": False, "note": MBB_NOT_BUILT},
         "wall_s": {},
     }
     for key in ("same_family", "different_family"):
+        if key not in events:
+            continue
         progress(f"failover: handover {key.replace('_', ' ')}, {runs} moves")
         started = time.monotonic()
         try:
@@ -548,6 +773,16 @@ def run_failover(lab: BenchLab, runs: int, progress: Callable[[str], None]) -> d
         except (LabFailure, OSError, subprocess.TimeoutExpired) as exc:
             out[f"handover_{key}"] = {"error": f"{type(exc).__name__}: {exc}"}
         out["wall_s"][f"handover_{key}"] = round(time.monotonic() - started, 1)
+    if "mbb" in events:
+        progress(f"failover: make-before-break, {runs} uplink switches of {MBB_CLIENT}")
+        started = time.monotonic()
+        try:
+            out[MBB_KEY] = run_make_before_break(runner, runs)
+        except (LabFailure, OSError, subprocess.TimeoutExpired) as exc:
+            out[MBB_KEY] = {"error": f"{type(exc).__name__}: {exc}"}
+        out["wall_s"][MBB_KEY] = round(time.monotonic() - started, 1)
+    if "gateway" not in events:
+        return out
     progress(f"failover: {runs} x (kill {PRIMARY}, cut an uplink of {BACKUP}, fail-back)")
     started = time.monotonic()
     try:

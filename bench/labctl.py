@@ -2,10 +2,11 @@
 
 Only what the chosen sections measure is started (fewer idle daemons on a small machine):
 the base (mn1 behind nat-a, cn2, dc1, DNS, plainweb), plus `direct` (an extra node `mnd`
-beside cn2, no NAT between), `reach` (cn1 behind nat-b, the relays) and `lb` (ntma1, the LB
-agent, web1..3 and a plain client `dmzc` on dmz). Driven only through `ntm lab` (like the
-integration tests), under a unique name and a private state directory, so a benchmark never
-touches another lab and `down` finds all.
+beside cn2, no NAT between), `reach` (cn1 behind nat-b, the relays), `lb` (ntma1, the LB
+agent, web1..3 and a plain client `dmzc` on dmz) and `failover` (ntma2 and its routers,
+access-b's router, mn3 on two uplinks, an IPv4 access network of the benchmark's own).
+Driven only through `ntm lab` (like the integration tests), under a unique name and a
+private state directory, so a benchmark never touches another lab and `down` finds all.
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ KEEP = ("pki", "dns", "resolver", "nat-a", "dc1", "cn2", "plainweb", "mn1")
 FEATURES = {
     "reach": ("nat-b", "cn1", "rs1", "rs2"),
     "lb": ("ntma1", "lb", "web1", "web2", "web3"),
-    "failover": ("rtr-b", "rtr-isp1", "rtr-isp2", "ntma2"),  # with "lb"
+    # with "lb"; mn3 (on access-a and access-b at once) for make-before-break
+    "failover": ("rtr-b", "rtr-isp1", "rtr-isp2", "ntma2", "mn3"),
 }
 # The failover section's own IPv4 access network behind a NAT of its own, so mn1 can also
 # hand over within one family (access-a -> access-c: another private address, another

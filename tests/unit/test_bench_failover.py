@@ -3,9 +3,11 @@ the table, the lab it builds, and the probe itself over a socketpair."""
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -13,11 +15,12 @@ import pytest
 import yaml
 
 from bench import failover as fo
-from bench.cli import Plan, parse_only
+from bench.cli import Plan, add_arguments, parse_only
 from bench.gaps import (
     GATEWAY_GOAL,
     HANDOVER_GOAL,
     LOST_BEFORE,
+    MBB_GOAL,
     StreamLog,
     event_figures,
     server_at,
@@ -35,6 +38,9 @@ from bench.labctl import (
 )
 from bench.report import goals, render
 from bench.udpprobe import PAYLOAD, Probe
+from ntm_io.config import ConfigError
+from ntm_io.status import AdminError
+from ntm_node.multihome_client import UplinkSwitch
 
 
 def stream(*lines: str) -> StreamLog:
@@ -171,7 +177,7 @@ def failover_doc() -> dict[str, Any]:
 def test_goals_and_table_show_not_built_and_published_figures_as_such() -> None:
     doc = failover_doc()
     checks = {c["goal"]: c for c in goals(doc)}
-    mbb = checks["handover, make-before-break, two interfaces (issue 5)"]
+    mbb = checks["handover, make-before-break, two interfaces (mn3) (issue 5)"]
     assert mbb["measured"] == "not built yet" and mbb["met"] is None  # no number, no verdict
     assert "0 lost" in mbb["target"]
     same = checks["handover, same family (IPv4 NAT a <-> IPv4 NAT c) (issue 5)"]
@@ -307,3 +313,225 @@ def test_probe_counts_echoes_servers_duplicates_and_losses(
         "foreign": 1,
         "send_errors": {},
     }
+
+
+# --- make-before-break (mn3) ----------------------------------------------------------------
+
+V4, V6 = "10.10.1.103", "2001:db8:b::103"
+
+
+def mh_status(local: str, ago: float | None = 0.3, answered: int = 5) -> dict[str, Any]:
+    other = V6 if local == V4 else V4
+    legs = [
+        {"local": local, "answered": 9, "answered_ago_s": 0.01},
+        {"local": other, "answered": answered, "answered_ago_s": ago},
+    ]
+    return {"multihome": {"paths": [{"local": local, "legs": legs}], "counters": {"x": 1}}}
+
+
+def test_standby_ready_needs_a_recent_answer_on_the_other_uplink() -> None:
+    assert fo.standby_ready(mh_status(V4))
+    assert not fo.standby_ready(mh_status(V4, ago=3.0))  # answered, but not lately
+    assert not fo.standby_ready(mh_status(V4, ago=None, answered=0))  # never answered
+    assert not fo.standby_ready({}) and not fo.standby_ready({"multihome": {"paths": []}})
+    only_active = {"multihome": {"paths": [{"local": V4, "legs": [{"local": V4}]}]}}
+    assert not fo.standby_ready(only_active)  # no standby leg at all
+
+
+def test_stream_on_an_uplink_allows_standby_probes_on_the_other() -> None:
+    assert fo.stream_on({"access-a": 2, "access-b": 510}, "access-b")
+    assert not fo.stream_on({"access-a": 300, "access-b": 510}, "access-b")  # both carried it
+    assert not fo.stream_on({"access-a": 0, "access-b": 20}, "access-b")  # no stream at all
+    assert fo.mbb_targets(4) == ["access-b", "access-a", "access-b", "access-a"]
+
+
+def test_probes_lost_outside_the_runs_are_placed() -> None:
+    windows = [{"t0": 10.0, "t1": 11.0}, {"t0": 12.0, "t1": 13.0}]
+    lost = [5.0, 9.95, 10.5, 11.5, 11.95, 14.0, 14.1]
+    # 9.95 and 11.95 fall in the LOST_BEFORE margin of a run: counted there
+    assert fo.lost_outside(lost, windows) == {"before_first": 1, "between": 1, "after_last": 2}
+    assert fo.lost_outside([1.0], []) == {"before_first": 1, "between": 0, "after_last": 0}
+
+
+def test_failover_events_option_parses_and_refuses_unknown_names() -> None:
+    assert fo.parse_events("gateway,mbb") == ("mbb", "gateway")  # run order
+    with pytest.raises(ConfigError, match="pick from same_family"):
+        fo.parse_events("mbb,nope")
+    with pytest.raises(ConfigError, match="none given"):
+        fo.parse_events(" , ")
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert fo.parse_events(parser.parse_args([]).failover_events) == fo.EVENT_GROUPS
+    assert parser.parse_args(["--failover-events", "mbb"]).failover_events == "mbb"
+    assert Plan.make(False).failover_events == fo.EVENT_GROUPS
+    assert Plan.make(True, failover_events=("mbb",)).failover_events == ("mbb",)
+
+
+def test_bench_lab_for_failover_has_mn3_on_both_uplinks(tmp_path: Path) -> None:
+    data = yaml.safe_load(bench_compose(tmp_path, with_direct=False, failover=True).read_text())
+    services = data["services"]
+    mn3 = services[fo.MBB_CLIENT]
+    assert set(mn3["networks"]) == set(fo.MBB_UPLINKS)
+    assert set(mn3["depends_on"]) <= set(services)
+    assert {"nat-a", "rtr-b", "ntma1", "lb"} <= set(services)  # its two ways to the service
+    plain = yaml.safe_load(bench_compose(tmp_path, with_direct=False, lb=True).read_text())
+    assert fo.MBB_CLIENT not in plain["services"]
+
+
+class FakeLab:
+    def __init__(self, tmp: Path) -> None:
+        self.work = tmp
+        self.local = V4
+
+    def socket(self, service: str) -> str:
+        return f"/nowhere/{service}.sock"
+
+    def ns(self, service: str) -> str:
+        return f"lab-{service}"
+
+    def status(self, service: str) -> dict[str, Any]:
+        assert service == fo.MBB_CLIENT
+        return mh_status(self.local)
+
+
+class FakeStream:
+    """Always steady; its log says what the test feeds it."""
+
+    made: list[FakeStream] = []
+
+    def __init__(self, lab: Any, name: str, client: str = fo.CLIENT) -> None:
+        self.client = client
+        self.log = StreamLog(gap_threshold=0.002)
+        self.stopped = False
+        FakeStream.made.append(self)
+
+    def wait_flowing(self, bound: float = 20.0) -> None:
+        pass
+
+    def steady(self, since: float, settle: float) -> bool:
+        return True
+
+    def last_echo(self) -> float:
+        return 0.0
+
+    def stop(self) -> StreamLog:
+        self.stopped = True
+        self.log.totals = {"sent": 1, "lost": 0}
+        return self.log
+
+
+def fake_mn3(
+    monkeypatch: pytest.MonkeyPatch, lab: FakeLab, refuse: set[int] | None = None
+) -> list[str]:
+    """prefer_uplink and the interface counters of a node that moves as asked (or refuses
+    the calls numbered in `refuse`); returns the uplinks asked for."""
+    asked: list[str] = []
+    counters = {"access-a": 0, "access-b": 0}
+
+    def prefer(sock: str, uplink: str, *, bound: float = 10.0, poll: float = 0.02) -> UplinkSwitch:
+        assert sock == "/nowhere/mn3.sock"
+        asked.append(uplink)
+        if refuse and len(asked) - 1 in refuse:
+            raise AdminError("no such uplink")
+        lab.local = V4 if uplink == "access-a" else V6
+        now = time.monotonic()
+        return UplinkSwitch(uplink, lab.local, now - 0.01, now, now - 0.005, 1)
+
+    def tx(self: fo.Multihomed) -> dict[str, int]:
+        counters["access-a" if lab.local == V4 else "access-b"] += 500
+        return dict(counters)
+
+    monkeypatch.setattr(fo, "prefer_uplink", prefer)
+    monkeypatch.setattr(fo.Multihomed, "tx_packets", tx)
+    monkeypatch.setattr(fo, "Stream", FakeStream)
+    monkeypatch.setattr(fo, "SETTLE", 0.0)
+    return asked
+
+
+def test_make_before_break_runs_alternate_and_are_summarized(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    lab = FakeLab(tmp_path)
+    asked = fake_mn3(monkeypatch, lab)
+    FakeStream.made.clear()
+    out = fo.run_make_before_break(fo.Runner(lab, lambda _: None), 4)  # type: ignore[arg-type]
+    (stream,) = FakeStream.made
+    assert stream.client == "mn3" and stream.stopped
+    # The unmeasured start on access-a, then the four runs.
+    assert asked == ["access-a", "access-b", "access-a", "access-b", "access-a"]
+    assert out["runs"] == 4 and "error" not in out and out["unhandled_runs"] == []
+    assert [r["to"] for r in out["per_run"]] == asked[1:]
+    assert all(r["handled"] and r["stream_on_target"] for r in out["per_run"])
+    assert out["per_run"][0]["address"] == V6 and out["per_run"][1]["address"] == V4
+    assert out["per_run"][0]["paths_moved_ms"] == pytest.approx(10.0, abs=0.5)
+    assert out["goal"]["zero_loss"] and out["lost_total"] == 0
+    assert set(out["by_direction"]) == {"access-a", "access-b"}
+    assert out["stream_off_target_runs"] == 0 and out["client"] == "mn3"
+    assert out["lost_outside_runs"] == {"before_first": 0, "between": 0, "after_last": 0}
+
+
+def test_make_before_break_counts_refusals_and_stops_a_broken_lab(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    lab = FakeLab(tmp_path)
+    asked = fake_mn3(monkeypatch, lab, refuse={2})
+    out = fo.run_make_before_break(fo.Runner(lab, lambda _: None), 3)  # type: ignore[arg-type]
+    assert [r["handled"] for r in out["per_run"]] == [True, False, True]
+    assert out["unhandled_runs"] == ["run 1: prefer access-a: AdminError: no such uplink"]
+    assert "error" not in out
+    lab = FakeLab(tmp_path)
+    asked = fake_mn3(monkeypatch, lab, refuse={1, 2, 3, 4, 5})
+    out = fo.run_make_before_break(fo.Runner(lab, lambda _: None), 20)  # type: ignore[arg-type]
+    assert len(asked) == 1 + fo.MAX_FAILED and "the lab is broken" in out["error"]
+
+
+def test_make_before_break_stream_left_by_the_wrong_uplink_is_listed(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    lab = FakeLab(tmp_path)
+    fake_mn3(monkeypatch, lab)
+    monkeypatch.setattr(fo.Multihomed, "tx_packets", lambda self: {"access-a": 0, "access-b": 0})
+    out = fo.run_make_before_break(fo.Runner(lab, lambda _: None), 2)  # type: ignore[arg-type]
+    assert out["stream_off_target_runs"] == 2
+    assert out["unhandled_runs"][0].startswith("run 0: the stream did not leave by access-b")
+
+
+def test_failover_section_runs_only_the_chosen_events(monkeypatch: pytest.MonkeyPatch) -> None:
+    called: list[str] = []
+
+    def fake(name: str, result: dict[str, Any]) -> Any:
+        def run(*args: Any) -> dict[str, Any]:
+            called.append(name)
+            return result
+
+        return run
+
+    monkeypatch.setattr(fo, "run_handover", fake("handover", {"runs": 1}))
+    monkeypatch.setattr(fo, "run_make_before_break", fake("mbb", {"runs": 2}))
+    monkeypatch.setattr(fo, "run_gateway", fake("gateway", {"gateway_failure": {}}))
+    out = fo.run_failover(None, 2, lambda _: None, ("mbb",))  # type: ignore[arg-type]
+    assert called == ["mbb"] and out[fo.MBB_KEY] == {"runs": 2}
+    assert out["events"] == ["mbb"] and set(out["wall_s"]) == {fo.MBB_KEY}
+    called.clear()
+    out = fo.run_failover(None, 2, lambda _: None)  # type: ignore[arg-type]
+    assert called == ["handover", "handover", "mbb", "gateway"]
+
+
+def test_measured_make_before_break_row_has_figures_and_the_loss_check() -> None:
+    doc = failover_doc()
+    doc["failover"][fo.MBB_KEY] = {
+        "per_run": [],
+        **summarize([run(g) for g in (12, 20, 31)], MBB_GOAL),
+    }
+    checks = {c["goal"]: c for c in goals(doc)}
+    mbb = checks["handover, make-before-break, two interfaces (mn3) (issue 5)"]
+    assert mbb["met"] is True and mbb["measured"] == "p50 20.0 ms, p99 30.8 ms, 0 lost"
+    doc["failover"][fo.MBB_KEY] = {"per_run": [], **summarize([run(12, lost=3)], MBB_GOAL)}
+    assert {c["goal"]: c for c in goals(doc)}[mbb["goal"]]["met"] is False
+    doc["goals"] = goals(doc)
+    (row,) = [
+        ln
+        for ln in render(doc).splitlines()
+        if ln.startswith("handover, make-before") and "(issue 5)" not in ln
+    ]
+    assert "not built" not in row and "0 lost" in row and " 12.0 " in row
