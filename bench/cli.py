@@ -35,6 +35,7 @@ from .failover import BACKUP, EVENT_GROUPS, MBB_CLIENT, parse_events, run_failov
 from .iperf import IperfError, parse_iperf3
 from .labctl import CN, CN_ADDRESS, DIRECT_ADDRESS, DIRECT_NODE, REPO, BenchLab, LabFailure
 from .nsproc import Processes, in_ns
+from .options import pick
 from .relay_tput import run_relay
 from .setup_time import FRESH_MODES, KINDS, probe_argv, run_setup
 from .swarm_load import run_load
@@ -147,14 +148,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_only(text: str) -> list[str]:
-    chosen = [s.strip() for s in text.split(",") if s.strip()]
-    unknown = [s for s in chosen if s not in SECTIONS]
-    if unknown or not chosen:
-        raise ConfigError(
-            f"--only {text!r}: unknown section(s) {', '.join(unknown) or '(none given)'}; "
-            f"pick from {','.join(SECTIONS)}"
-        )
-    return [s for s in SECTIONS if s in chosen]
+    return list(pick("--only", text, SECTIONS, "section"))
 
 
 def _check_machine(sections: list[str]) -> None:

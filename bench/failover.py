@@ -36,7 +36,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ntm_io.config import ConfigError
 from ntm_io.status import AdminError, StatusError
 from ntm_node.multihome_client import UplinkSwitch, prefer_uplink
 
@@ -60,6 +59,7 @@ from .labctl import (
     lab_mn1_seconds,
 )
 from .nsproc import in_ns, run_in
+from .options import pick
 from .stats import summary
 from .tunnel import probe_env
 
@@ -725,14 +725,7 @@ def _wait_link(lab: BenchLab, uplink: str, bound: float = 10.0) -> None:
 
 def parse_events(text: str) -> tuple[str, ...]:
     """`--failover-events`: comma-separated names from EVENT_GROUPS, in their run order."""
-    chosen = [e.strip() for e in text.split(",") if e.strip()]
-    unknown = [e for e in chosen if e not in EVENT_GROUPS]
-    if unknown or not chosen:
-        raise ConfigError(
-            f"--failover-events {text!r}: unknown event(s) {', '.join(unknown) or '(none given)'}"
-            f"; pick from {','.join(EVENT_GROUPS)}"
-        )
-    return tuple(e for e in EVENT_GROUPS if e in chosen)
+    return pick("--failover-events", text, EVENT_GROUPS, "event")
 
 
 def run_failover(
