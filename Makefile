@@ -76,6 +76,8 @@ bench: setup
 	  echo "installing Debian packages:" $$missing; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
+	@# py-spy samples the tunnel ends for --profile (a wheel from PyPI, into the venv)
+	@test -x $(VENV)/bin/py-spy || $(PY) -m pip install -q py-spy
 	$(NTM) bench $(BENCH_ARGS)
 
 lab-down: setup
