@@ -11,7 +11,7 @@ from typing import Any
 from lab import names, netns, procs
 from lab.compose import Project, Service, load_project
 from lab.errors import LabError
-from lab.service_init import plan, route_steps, run_steps, sysctl_steps
+from lab.service_init import plan, route_batch_lines, run_steps, sysctl_steps
 from lab.state import (
     LabState,
     ServiceState,
@@ -200,13 +200,22 @@ def move(name: str, state_dir: Path, service: str, network: str) -> list[str]:
             f"{state.compose_file} (declared there now: {roamable})"
         )
     left = [n for n in ss.networks if n in svc.roam and n != network]
+    att = svc.roam[network]
+    joining = network not in ss.networks
+    if joining:
+        netns.plug(state.hub, ss.namespace, service, att)  # a link, no address: not a network yet
+    # The switch itself is one `ip -batch` in the service's namespace, so the time it is
+    # without a network is the kernel's, not that of a dozen `ip` processes: leave, then
+    # address, up and routes of the new network.
+    present = netns.link_names(ss.namespace)
+    lines = [f"link del {ifname}" for n in left if (ifname := names.service_ifname(n)) in present]
+    if joining:
+        lines += netns.address_lines(names.service_ifname(network), att)
+        lines += route_batch_lines(att.routes)
+    netns.ip_batch(ss.namespace, lines)
     for old in left:
-        netns.detach(ss.namespace, old)
         ss.networks.remove(old)
-    if network not in ss.networks:
-        att = svc.roam[network]
-        netns.attach(state.hub, ss.namespace, service, att)
-        run_steps(route_steps(att.routes), procs.in_namespace(ss.namespace, []))
+    if joining:
         ss.networks.append(network)
     state.save()
     return left

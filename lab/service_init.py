@@ -112,6 +112,25 @@ def route_steps(text: str) -> list[Step]:
     return [Step(("ip", *opts, "route", "replace", *args)) for opts, args in parse_routes(text)]
 
 
+def route_batch_lines(text: str) -> list[str]:
+    """NTM_LAB_ROUTES as `ip -batch` lines (`route replace ...`). A batch line takes no
+    options, so -4/-6 become the family's explicit prefix in place of `default`."""
+    lines = []
+    for opts, args in parse_routes(text):
+        other = [o for o in opts if o not in ("-4", "-6")]
+        if other:
+            raise LabError(
+                f"{ROUTES_VAR}: option {other[0]} in {shlex.join((*opts, *args))!r} cannot be"
+                " applied to a roaming network; only -4 and -6 can (write the route without it)"
+            )
+        if opts and "default" in args:
+            prefix = "::/0" if "-6" in opts else "0.0.0.0/0"
+            i = args.index("default")
+            args = (*args[:i], prefix, *args[i + 1 :])
+        lines.append(shlex.join(("route", "replace", *args)))
+    return lines
+
+
 def rule_steps(text: str) -> list[Step]:
     """`ip rule del` (may fail: not there yet) then `ip rule add`, so re-running is harmless."""
     steps = []

@@ -48,7 +48,7 @@ RTN_UNICAST = 1
 RTNH_F_DEAD = 0x1
 RTNH_F_LINKDOWN = 0x10
 
-DEBOUNCE_S = 0.05
+DEBOUNCE_S = 0.01
 
 
 @dataclass(frozen=True)

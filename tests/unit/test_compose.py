@@ -37,6 +37,7 @@ from lab.service_init import (
     parse_masquerade,
     parse_routes,
     plan,
+    route_batch_lines,
     route_steps,
 )
 
@@ -403,6 +404,23 @@ def test_routes_become_idempotent_ip_route_replace_commands() -> None:
         Step(("ip", "route", "replace", "default", "via", "10.10.1.1")),
         Step(("ip", "-6", "route", "replace", "default", "via", "2001:db8:b::1")),
     ]
+
+
+def test_roaming_routes_become_batch_lines_with_the_family_in_the_prefix() -> None:
+    # `ip -batch` lines take no options: -6 default must still mean the IPv6 default.
+    lines = route_batch_lines(
+        "default via 10.10.1.1; -6 default via 2001:db8:b::1; -4 10.0.0.0/8 dev x"
+    )
+    assert lines == [
+        "route replace default via 10.10.1.1",
+        "route replace ::/0 via 2001:db8:b::1",
+        "route replace 10.0.0.0/8 dev x",
+    ]
+
+
+def test_roaming_route_with_another_option_is_refused_with_the_fix() -> None:
+    with pytest.raises(LabError, match="option -s .* only -4 and -6"):
+        route_batch_lines("-s default via 10.10.1.1")
 
 
 def test_route_with_options_only_is_rejected() -> None:
