@@ -243,6 +243,7 @@ class AddressWatcher:
             self._task = self._loop.create_task(self._run(), name="ntm-netwatch")
 
     async def _run(self) -> None:
+        hurried = False
         while self._dirty:
             self._dirty = False
             try:
@@ -256,6 +257,12 @@ class AddressWatcher:
                 if new != self.current:
                     self.current = new
                     self._report(new)
+                if not new.all and self._dirty and not hurried:
+                    # Between networks (the old one gone mid-move): what changed during
+                    # this dump is most likely the new one arriving; look once more at once.
+                    hurried = True
+                    continue
+            hurried = False
             await asyncio.sleep(self.debounce)
 
     async def _dump(self) -> AddressSet:
