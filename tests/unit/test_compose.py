@@ -419,7 +419,7 @@ def test_roaming_routes_become_batch_lines_with_the_family_in_the_prefix() -> No
 
 
 def test_roaming_route_with_another_option_is_refused_with_the_fix() -> None:
-    with pytest.raises(LabError, match="option -s .* only -4 and -6"):
+    with pytest.raises(LabError, match=r"option -s .* only -4 and -6"):
         route_batch_lines("-s default via 10.10.1.1")
 
 
