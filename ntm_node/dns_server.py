@@ -80,27 +80,6 @@ COUNTER_KEYS = (
 _MAX_TCP_PIPELINE = 64  # queries in flight per TCP connection before we stop reading
 
 
-class _UdpClientProtocol(asyncio.DatagramProtocol):
-    def __init__(self) -> None:
-        self.queue: asyncio.Queue[bytes] = asyncio.Queue()
-        self.error: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-    def datagram_received(self, data: bytes, addr: Any) -> None:
-        self.queue.put_nowait(data)
-
-    def error_received(self, exc: Exception) -> None:
-        # ICMP port unreachable arrives here on a connected socket: fail fast, try the next one.
-        if not self.error.done():
-            self.error.set_exception(exc)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self.error.done():
-            if exc is None:
-                self.error.set_result(None)  # our own close(): nothing to report
-            else:
-                self.error.set_exception(exc)
-
-
 # Set by the node when it catches port 53 with nftables: its own upstream queries carry this
 # firewall mark so the redirect rule lets them pass instead of looping them back to us.
 UPSTREAM_MARK: int | None = None
@@ -127,39 +106,47 @@ async def udp_exchange(
 
     Raises TimeoutError when nothing matching came within ``timeout``, OSError when the
     upstream refused (ICMP) or the socket failed.
+
+    A plain non-blocking socket with one reader callback and one future, not an asyncio
+    transport: the query leaves at once and the answer is matched in the callback that
+    reads it, so the stub pays no extra event-loop passes on every lookup.
     """
     loop = asyncio.get_running_loop()
-    get: asyncio.Future[bytes] | None = None
-    sock = _marked_socket(server, socket.SOCK_DGRAM)
-    if sock is not None:
-        sock.connect(server)
-        transport, proto = await loop.create_datagram_endpoint(_UdpClientProtocol, sock=sock)
-    else:
-        transport, proto = await loop.create_datagram_endpoint(
-            _UdpClientProtocol, remote_addr=server
-        )
+    family = socket.AF_INET6 if ":" in server[0] else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    done: asyncio.Future[tuple[bytes, Matched]] = loop.create_future()
+
+    def readable() -> None:
+        while not done.done():
+            try:
+                wire = sock.recv(65535)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # ICMP port unreachable on a connected socket
+                done.set_exception(exc)
+                return
+            verdict = match_response(query, wire)
+            if isinstance(verdict, Matched):
+                done.set_result((wire, verdict))
+            elif on_reject is not None:
+                on_reject(verdict)
+
     try:
-        async with asyncio.timeout(timeout):
-            transport.sendto(data)
-            while True:
-                get = asyncio.ensure_future(proto.queue.get())
-                waiting: set[asyncio.Future[Any]] = {get, proto.error}
-                done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-                if get not in done:
-                    proto.error.result()  # raises the socket error
-                    raise ConnectionError("UDP socket closed")
-                wire = get.result()
-                verdict = match_response(query, wire)
-                if isinstance(verdict, Matched):
-                    return wire, verdict
-                if on_reject is not None:
-                    on_reject(verdict)
+        sock.setblocking(False)
+        if UPSTREAM_MARK is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, UPSTREAM_MARK)
+        sock.connect(server)  # UDP: no packet, only the kernel's filter on the source
+        loop.add_reader(sock.fileno(), readable)
+        try:
+            sock.send(data)
+            async with asyncio.timeout(timeout):
+                return await done
+        finally:
+            loop.remove_reader(sock.fileno())
     finally:
-        if get is not None and not get.done():
-            get.cancel()
-        transport.close()
-        if proto.error.done() and not proto.error.cancelled():
-            proto.error.exception()  # mark retrieved: no "never retrieved" warning
+        sock.close()
+        if done.done() and not done.cancelled():
+            done.exception()  # retrieved: no "never retrieved" warning
 
 
 async def tcp_exchange(
@@ -434,13 +421,17 @@ class StubResolver:
             self._count("direction_shared")
         else:
             self._count("direction_calls")
-            call = asyncio.ensure_future(
-                asyncio.wait_for(self._directions(fqdn), self.direction_timeout)
-            )
+            call = asyncio.ensure_future(self._bounded_directions(fqdn))
             self._direction_calls[fqdn] = call
             call.add_done_callback(lambda t: self._direction_done(fqdn, t))
         # shield: one client giving up must not cancel the call the others wait on.
         return await asyncio.shield(call)
+
+    async def _bounded_directions(self, fqdn: str) -> str:
+        # One task, not wait_for's two: each task hop is an event-loop pass on the way
+        # to the answer.
+        async with asyncio.timeout(self.direction_timeout):
+            return await self._directions(fqdn)
 
     def _direction_done(self, fqdn: str, task: asyncio.Task[str]) -> None:
         if self._direction_calls.get(fqdn) is task:

@@ -30,7 +30,7 @@ from typing import Any, Protocol
 
 from ntm_io.sockets import big_buffers
 from ntm_io.udp_batch import BatchSender, enable_gro, recv_segments, split_segments
-from ntm_proto.crypto import StaticKey
+from ntm_proto.crypto import EphemeralSource, StaticKey
 from ntm_proto.endpoint import TunnelEndpoint
 from ntm_proto.errors import LocalProtocolError
 from ntm_proto.messages import Endpoint, PathRole, RouteDirection, RouteKind
@@ -108,6 +108,10 @@ class TunnelEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.on_path_change = on_path_change
         self._sender = BatchSender(self.counters)
+        # Handshake ephemerals made ahead, refilled on the loop pass after one is taken:
+        # a set-up does not wait for key generation.
+        self.ephemerals = EphemeralSource(on_low=self._refill_soon)
+        self._refilling = False
 
     def _count(self, key: str, n: int = 1) -> None:
         self.counters[key] = self.counters.get(key, 0) + n
@@ -118,6 +122,7 @@ class TunnelEngine:
         """Bind the tunnel port on IPv4 and IPv6 (separately: no v4-mapped addresses), or
         on each of `addresses`."""
         self._loop = asyncio.get_running_loop()
+        self.ephemerals.refill()
         binds = [(socket.AF_INET6 if ":" in a else socket.AF_INET, a) for a in self.addresses] or [
             (socket.AF_INET, "0.0.0.0"),
             (socket.AF_INET6, "::"),
@@ -194,6 +199,7 @@ class TunnelEngine:
             peer_vip=rd.peer_vip,
             peer_endpoints=self._usable(rd.peer_endpoints),
             keepalive_interval=self.keepalive_interval,
+            ephemerals=self.ephemerals,
         )
         if handshake_retry is not None:
             config = dataclasses.replace(config, handshake_retry=handshake_retry)
@@ -208,6 +214,7 @@ class TunnelEngine:
         self._peer_vip[rd.path_id] = ipaddress.IPv4Address(rd.peer_vip).packed
         if rd.role is PathRole.INITIATOR:
             path.connect(now, wall)
+        self._flush()  # the INIT (or an early INIT's answer) leaves before the log line
         log.info(
             "path %s to %s (%s) %s as %s via %s",
             rd.path_id.hex(),
@@ -217,8 +224,16 @@ class TunnelEngine:
             rd.role.name.lower(),
             ", ".join(f"{a}:{p}" for a, p in config.peer_endpoints) or "(waiting)",
         )
-        self._flush()
         return path
+
+    def _refill_soon(self) -> None:
+        if not self._refilling and self._loop is not None:
+            self._refilling = True
+            self._loop.call_soon(self._refill)
+
+    def _refill(self) -> None:
+        self._refilling = False
+        self.ephemerals.refill()
 
     def _usable(self, endpoints: tuple[Endpoint, ...]) -> tuple[Endpoint, ...]:
         families = {

@@ -45,6 +45,8 @@ import base64
 import binascii
 import dataclasses
 import hashlib
+from collections import deque
+from collections.abc import Callable
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
@@ -87,14 +89,20 @@ class KeyExhausted(LocalProtocolError):
 # --- static keys ---------------------------------------------------------------------------
 
 
+SHARED_CACHE_MAX = 4096  # peers whose DH(static, static) a node remembers
+
+
 class StaticKey:
     """A node's long-term X25519 key pair."""
 
-    __slots__ = ("_private", "_public")
+    __slots__ = ("_private", "_public", "_shared")
 
     def __init__(self, private: X25519PrivateKey) -> None:
         self._private = private
         self._public = private.public_key().public_bytes(_RAW, serialization.PublicFormat.Raw)
+        # DH with a peer's static key never changes: one scalar multiplication per peer,
+        # not per path (it is as secret as the private key it sits beside).
+        self._shared: dict[bytes, bytes] = {}
 
     @classmethod
     def generate(cls) -> StaticKey:
@@ -116,7 +124,13 @@ class StaticKey:
 
     def exchange(self, peer_public: bytes) -> bytes:
         """X25519 with a peer's raw public key; `ValueError` for a bad or low-order key."""
-        return self._private.exchange(X25519PublicKey.from_public_bytes(peer_public))
+        shared = self._shared.get(peer_public)
+        if shared is None:
+            shared = self._private.exchange(X25519PublicKey.from_public_bytes(peer_public))
+            if len(self._shared) >= SHARED_CACHE_MAX:
+                del self._shared[next(iter(self._shared))]  # the oldest peer
+            self._shared[bytes(peer_public)] = shared
+        return shared
 
     def dump(self) -> bytes:
         """The private key as one base64 line (what a key file holds)."""
@@ -222,6 +236,44 @@ class TransportKeys:
 # --- handshake -----------------------------------------------------------------------------
 
 
+class Ephemeral:
+    """One handshake's ephemeral X25519 key pair; used for exactly one INIT or RESP."""
+
+    __slots__ = ("private", "public")
+
+    def __init__(self) -> None:
+        self.private = X25519PrivateKey.generate()
+        self.public = _public(self.private)
+
+
+class EphemeralSource:
+    """Ephemeral keys made ahead of need: generating one costs two scalar multiplications,
+    which a handshake should not wait for. `take` hands each key out once (a fresh one when
+    none is ready) and calls `on_low` when fewer than `keep` are left; the owner then calls
+    `refill` off the critical path (e.g. on its event loop's next pass)."""
+
+    __slots__ = ("_keep", "_ready", "on_low")
+
+    def __init__(self, keep: int = 2, on_low: Callable[[], None] | None = None) -> None:
+        self._keep = keep
+        self._ready: deque[Ephemeral] = deque()
+        self.on_low = on_low
+
+    def take(self) -> Ephemeral:
+        key = self._ready.popleft() if self._ready else Ephemeral()
+        if self.on_low is not None and len(self._ready) < self._keep:
+            self.on_low()
+        return key
+
+    @property
+    def low(self) -> bool:
+        return len(self._ready) < self._keep
+
+    def refill(self) -> None:
+        while len(self._ready) < self._keep:
+            self._ready.append(Ephemeral())
+
+
 def _hash(*parts: bytes) -> bytes:
     h = hashlib.sha256()
     for part in parts:
@@ -287,14 +339,15 @@ class HandshakeContext:
         self._h0 = _hash(PROTOCOL, path_id, *pubs)
 
     def initiate(
-        self, epoch: int, request: TunnelRequest, ephemeral: X25519PrivateKey | None = None
+        self, epoch: int, request: TunnelRequest, ephemeral: Ephemeral | None = None
     ) -> Initiation:
-        """Build a HANDSHAKE_INIT for key generation `epoch` (initiator side)."""
+        """Build a HANDSHAKE_INIT for key generation `epoch` (initiator side); `ephemeral`
+        must be a key never used before (default: a fresh one)."""
         if not self.initiator:
             raise LocalProtocolError("only the initiator sends HANDSHAKE_INIT")
-        e = ephemeral or X25519PrivateKey.generate()
-        e_pub = _public(e)
-        aad = build_prefix(PacketType.HANDSHAKE_INIT, epoch, self.path_id) + e_pub
+        eph = ephemeral or Ephemeral()
+        e = eph.private
+        aad = build_prefix(PacketType.HANDSHAKE_INIT, epoch, self.path_id) + eph.public
         dh1 = _dh(e, self._peer_key)
         h1 = _hash(self._h0, aad)
         k1 = _hkdf(dh1 + self._ss, self.path_id, b"ntm init" + h1)
@@ -406,14 +459,16 @@ class IncomingInitiation:
         self,
         response: TunnelResponse,
         generation: int,
-        ephemeral: X25519PrivateKey | None = None,
+        ephemeral: Ephemeral | None = None,
     ) -> tuple[bytes, TransportKeys]:
-        """Build the HANDSHAKE_RESP and the session keys for key generation `generation`."""
+        """Build the HANDSHAKE_RESP and the session keys for key generation `generation`;
+        `ephemeral` must be a key never used before (default: a fresh one)."""
         ctx = self._ctx
         if generation & 0xFF != self.epoch:
             raise LocalProtocolError("generation does not match the INIT's epoch byte")
-        e = ephemeral or X25519PrivateKey.generate()
-        aad = build_prefix(PacketType.HANDSHAKE_RESP, self.epoch, ctx.path_id) + _public(e)
+        eph = ephemeral or Ephemeral()
+        e = eph.private
+        aad = build_prefix(PacketType.HANDSHAKE_RESP, self.epoch, ctx.path_id) + eph.public
         ikm = self._dh1 + ctx._ss + _dh(e, self._e_i) + _dh(e, ctx._peer_key)
         h3 = _hash(self._h2, aad)
         k2 = _hkdf(ikm, ctx.path_id, b"ntm resp" + h3)
@@ -423,6 +478,8 @@ class IncomingInitiation:
 
 __all__ = [
     "REJECT_AFTER_MESSAGES",
+    "Ephemeral",
+    "EphemeralSource",
     "HandshakeContext",
     "IncomingInitiation",
     "Initiation",

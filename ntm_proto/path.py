@@ -80,6 +80,8 @@ from collections import deque
 
 from .crypto import (
     REJECT_AFTER_MESSAGES,
+    Ephemeral,
+    EphemeralSource,
     HandshakeContext,
     Initiation,
     StaticKey,
@@ -195,6 +197,9 @@ class PathConfig:
     old_key_grace: float = 10.0
     reject_after_seconds: float = 180.0  # a key is never used longer than this
     idle_timeout: float = 45.0  # PathIdle after this long without an authenticated packet
+    # Ephemeral keys made ahead of need (the owner refills it when idle); None: each
+    # handshake generates its own.
+    ephemerals: EphemeralSource | None = dataclasses.field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if len(self.path_id) != 8:
@@ -655,7 +660,7 @@ class TunnelPath:
             raise UnknownEpoch(f"handshake for epoch {epoch}")
         self._last_timestamp = request.timestamp
         response = TunnelResponse(timestamp=request.timestamp, responder_vip=self.config.local_vip)
-        packet, keys = incoming.accept(response, generation)
+        packet, keys = incoming.accept(response, generation, self._ephemeral())
         self._next = _Session(keys, now)
         self._handshakes += 1
         self._rx_packets += 1
@@ -783,7 +788,7 @@ class TunnelPath:
         timestamp = max(wall_ns, self._last_timestamp + 1)  # strictly growing per path
         self._last_timestamp = timestamp
         request = TunnelRequest(timestamp=timestamp, initiator_vip=cfg.local_vip)
-        self._pending = pending = self._ctx.initiate(generation, request)
+        self._pending = pending = self._ctx.initiate(generation, request, self._ephemeral())
         targets = cfg.peer_endpoints if self._peer_address is None else (self._peer_address,)
         for target in targets:
             self._queue(pending.packet, target)
@@ -793,6 +798,10 @@ class TunnelPath:
         if self._current is None:  # the initial handshake has a deadline
             retry_at = min(retry_at, self._hs_started + cfg.handshake_timeout)
         self._hs_retry_at = retry_at
+
+    def _ephemeral(self) -> Ephemeral | None:
+        source = self.config.ephemerals
+        return None if source is None else source.take()
 
     def _confirming(self, s: _Session) -> bool:
         """Initiator: the responder has not yet shown it switched to key `s`."""

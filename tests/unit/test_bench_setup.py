@@ -23,7 +23,7 @@ from bench.setup_time import (
     record_run,
     run_setup,
 )
-from bench.setup_trace import STEPS, Packet, parse_line, steps, summarize
+from bench.setup_trace import ALL_STEPS, STEPS, Packet, parse_line, steps, summarize
 from bench.stats import summary
 from ntm_node.dns_redirect import MARK
 
@@ -211,14 +211,30 @@ def test_a_set_up_is_cut_into_its_steps() -> None:
     )
     packets.append(ack_only)
     got = steps(packets, start, dns_ms=9.0, first_byte_ms=12.0)
-    assert len(got) == len(STEPS)
+    assert len(got) == len(ALL_STEPS)
     assert got[0] == 1.0 and got[1] == 0.1  # stub, then the resolver's round trip
-    assert got[STEPS.index("dc1: ack in -> Route Direction to mn1 out")] == 1.0
-    assert got[-2] == pytest.approx(9.0 - 7.7) and got[-1] == 3.0  # RESP in at 7.7 ms
+    # the DC waited for the ack: push 1.0, wire 0.1, cn2 1.0, wire 0.1, answer 1.0
+    assert got[STEPS.index("dc1: Direction Request in -> Route Direction to mn1 out")] == 3.2
+    assert got[len(STEPS) :] == [1.0, 0.1, 1.0, 0.1, 1.0]
+    assert got[len(STEPS) - 2] == pytest.approx(9.0 - 7.7)  # RESP in at 7.7 ms
+    assert got[len(STEPS) - 1] == 3.0
+    assert sum(got[: len(STEPS)]) == pytest.approx(12.0)  # the main steps add up
     with pytest.raises(LookupError):
         steps(packets[:5], start, 9.0, 12.0)
     rows = summarize([got, got])
     assert rows[0] == {"step": STEPS[0], **summary([1.0, 1.0])}
+    assert [r["step"] for r in rows] == list(ALL_STEPS)
+
+
+def test_an_answer_before_the_ack_shows_as_a_negative_last_push_step() -> None:
+    start = 1000.0
+    packets = timeline(start)
+    # dc1 answers mn1 0.2 ms after the Direction Request, before it pushes to cn2
+    rd_out = packets[8]
+    packets[8] = Packet(start + 0.0024, rd_out.where, rd_out.out, rd_out.src, rd_out.dst, 151, "")
+    got = steps(packets, start, dns_ms=9.0, first_byte_ms=12.0)
+    assert got[STEPS.index("dc1: Direction Request in -> Route Direction to mn1 out")] == 0.2
+    assert got[-1] == pytest.approx(2.4 - 4.4)  # the ack came in at 4.4 ms
 
 
 class FakeLab:

@@ -6,6 +6,8 @@ import pytest
 
 from ntm_proto.crypto import (
     REJECT_AFTER_MESSAGES,
+    Ephemeral,
+    EphemeralSource,
     HandshakeContext,
     KeyExhausted,
     RecvKey,
@@ -92,6 +94,39 @@ def test_handshake_agrees_on_keys() -> None:
     # the directions use different keys
     with pytest.raises(AuthenticationError):
         RecvKey(b"\x00" * 32).open(i_keys.send.seal(b"x"), 1)
+
+
+def test_ephemerals_made_ahead_are_each_used_once() -> None:
+    lows: list[int] = []
+    source = EphemeralSource(keep=2, on_low=lambda: lows.append(1))
+    source.refill()
+    assert not source.low
+    taken = [source.take() for _ in range(4)]  # two ready, then two made on the spot
+    assert len({e.public for e in taken}) == 4 and len(lows) == 4
+    assert source.low
+    source.refill()
+    assert not source.low
+    # a handshake with given ephemerals: each side's key is the one handed in
+    si, sr = StaticKey.generate(), StaticKey.generate()
+    ci, cr = contexts(si, sr)
+    e_i, e_r = Ephemeral(), Ephemeral()
+    init = ci.initiate(0, REQ, e_i)
+    assert parse(init.packet).ephemeral == e_i.public
+    resp_packet, r_keys = cr.receive_initiation(init.packet).accept(RESP, 0, e_r)
+    assert parse(resp_packet).ephemeral == e_r.public
+    _, i_keys = init.complete(resp_packet)
+    assert r_keys.recv.open(i_keys.send.seal(b"x"), 0) == b"x"
+
+
+def test_static_exchange_is_remembered_per_peer() -> None:
+    a, b, c = StaticKey.generate(), StaticKey.generate(), StaticKey.generate()
+    first = a.exchange(b.public_bytes())
+    assert a.exchange(b.public_bytes()) == first == b.exchange(a.public_bytes())
+    assert a.exchange(c.public_bytes()) != first
+    with pytest.raises(ValueError):
+        a.exchange(bytes(32))  # low order: refused, and not remembered
+    with pytest.raises(ValueError):
+        a.exchange(bytes(32))
 
 
 def test_initiation_is_single_use() -> None:

@@ -17,7 +17,7 @@ import pytest
 from dc import federation
 from dc.config import DcConfig, FederationConfig, RelaySpec, TlsConfig
 from dc.relays import RelayedPath, RelayedPaths
-from dc.server import DcServer
+from dc.server import IDLE_GAP, DcServer
 from ntm_io.control import ControlConnection, connect_control
 from ntm_pki import ca
 from ntm_proto import messages as m
@@ -51,7 +51,7 @@ def free_udp_port() -> int:
 
 
 def run(coro: Awaitable[Any]) -> Any:
-    return asyncio.run(asyncio.wait_for(coro, 30))  # type: ignore[arg-type]
+    return asyncio.run(asyncio.wait_for(coro, 30))
 
 
 async def with_dc(
@@ -205,6 +205,57 @@ def test_responder_that_refuses_gives_a_clear_error(pki: Path, tmp_path: Path) -
     run(with_dc(pki, tmp_path, body))
 
 
+def test_answer_before_the_ack_only_to_a_responder_that_took_its_last_push(
+    pki: Path, tmp_path: Path
+) -> None:
+    async def body(server: DcServer, connect: Callable[..., Any]) -> None:
+        release = asyncio.Event()
+        pushed: list[m.RouteDirection] = []
+        refuse = False
+
+        async def cn2_handler(_c: ControlConnection, payload: bytes) -> bytes:
+            rd = m.decode_as(payload, m.RouteDirection)
+            pushed.append(rd)
+            if len(pushed) == 2:
+                await release.wait()  # the second push is acked only after mn1 got its answer
+            if refuse:
+                return m.encode(m.ErrorMessage(m.ErrorCode.INTERNAL, "cannot"))
+            return m.encode(m.RouteDirectionAck(rd.path_id))
+
+        cn2 = await connect("cn2", cn2_handler)
+        mn1 = await connect("mn1")
+        await ask(cn2, registration("cn2.ntm.example.com"))
+        await ask(mn1, registration("mn1.ntm.example.com"))
+        request = m.DirectionRequest("mn1.ntm.example.com", "cn2.ntm.example.com")
+        # first: cn2 never took a push yet, so the DC waits for its ack
+        rd1 = await ask(mn1, request)
+        assert isinstance(rd1, m.RouteDirection) and [p.path_id for p in pushed] == [rd1.path_id]
+        assert server.counters.get("answered_before_ack", 0) == 0
+        # second, on an idle DC: cn2 took the last one, so mn1 is answered while cn2
+        # still holds the push
+        await asyncio.sleep(IDLE_GAP)
+        rd2 = await ask(mn1, request)
+        assert isinstance(rd2, m.RouteDirection) and rd2.path_id != rd1.path_id
+        assert server.counters["answered_before_ack"] == 1
+        await wait_until(lambda: len(pushed) == 2)
+        assert pushed[1].path_id == rd2.path_id and not release.is_set()
+        refuse = True  # ...and then refuses it: counted, and the next answer waits again
+        release.set()
+        await wait_until(lambda: server.counters.get("push_failed_after_answer", 0) == 1)
+        await asyncio.sleep(IDLE_GAP)
+        rd3 = await ask(mn1, request)
+        assert isinstance(rd3, m.ErrorMessage) and "refused" in rd3.reason
+        assert server.counters["answered_before_ack"] == 1
+
+    run(with_dc(pki, tmp_path, body))
+
+
+async def wait_until(predicate: Callable[[], bool], bound: float = 5.0) -> None:
+    async with asyncio.timeout(bound):
+        while not predicate():
+            await asyncio.sleep(0.01)
+
+
 # --- several gateways ---------------------------------------------------------------------
 
 WWW = "www.ntm.example.com"
@@ -254,6 +305,8 @@ def test_direction_to_a_service_goes_through_one_gateway_and_names_the_others(
         rd2 = await ask(mn1, m.DirectionRequest("mn1.ntm.example.com", WWW))
         assert isinstance(rd2, m.RouteDirection) and rd2.gateway == other
         assert server.counters["gateway_retries"] == 1
+        # a gateway's ack decides whether another is tried: never answered before it
+        assert server.counters.get("answered_before_ack", 0) == 0
         # ...but not when the MN named the gateway
         named = await ask(mn1, m.DirectionRequest("mn1.ntm.example.com", WWW, chosen))
         assert isinstance(named, m.ErrorMessage) and "refused" in named.reason

@@ -6,7 +6,7 @@ import contextlib
 import struct
 
 import pytest
-from dnslib import AAAA, CNAME, EDNS0, QTYPE, RCODE, RR, A, DNSRecord
+from dnslib import AAAA, CNAME, EDNS0, QTYPE, RCODE, RR, A, DNSHeader, DNSRecord
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -291,6 +291,30 @@ def test_synthesize_echoes_edns() -> None:
     )
     assert not out.ar
     assert udp_payload_limit(q) == 4096 and udp_payload_limit(plain) == 512
+
+
+@pytest.mark.parametrize("qtype", ["A", "AAAA"])
+@pytest.mark.parametrize("edns", [False, True])
+@pytest.mark.parametrize("hops", [0, 1, 3])
+def test_synthesized_bytes_say_what_dnslib_would_build(qtype: str, edns: bool, hops: int) -> None:
+    # The answer is packed by hand (names uncompressed); it must say what dnslib's would.
+    target = "cn2.ntm.example.com"
+    names = [f"N{i}.Example.com" for i in range(hops)] + [target]
+    q = query(names[0], qtype=qtype, edns=edns)
+    q.header.cd = 1
+    chain = [cname(names[i], names[i + 1], ttl=60 + i) for i in range(hops)]
+    r = response(q, *chain, a(target, "198.51.100.30"))
+    out = synthesize_answer(q, r, target, "100.64.0.9", ttl=5, max_size=4096)
+    expected = DNSRecord(
+        DNSHeader(id=q.header.id, qr=1, rd=1, ra=r.header.ra, cd=1), questions=list(q.questions)
+    )
+    for rr in chain:
+        expected.add_answer(rr)
+    if qtype == "A":
+        expected.add_answer(a(target, "100.64.0.9", ttl=5))
+    if edns:
+        expected.add_ar(EDNS0(udp_len=1232))
+    assert str(DNSRecord.parse(out)) == str(DNSRecord.parse(bytes(expected.pack())))
 
 
 def test_synthesize_truncates_to_max_size() -> None:

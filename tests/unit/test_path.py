@@ -19,7 +19,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ntm_proto.crypto import StaticKey
+from ntm_proto.crypto import EphemeralSource, StaticKey
 from ntm_proto.endpoint import TunnelEndpoint
 from ntm_proto.errors import (
     AuthenticationError,
@@ -28,7 +28,7 @@ from ntm_proto.errors import (
     ReplayError,
 )
 from ntm_proto.messages import Endpoint, PathRole
-from ntm_proto.packet import PacketType, recommended_mtu
+from ntm_proto.packet import PREFIX_SIZE, PacketType, recommended_mtu
 from ntm_proto.path import (
     HandshakeFailed,
     HandshakeReplayed,
@@ -297,6 +297,26 @@ def test_handshake_timeout_with_backoff() -> None:
     assert pi.state is PathState.CLOSED
     assert pi.get_timer() is None
     assert pi.seal(b"x", sim.now) is None
+
+
+def test_handshakes_take_their_ephemerals_from_the_source_once_each() -> None:
+    source = EphemeralSource()
+    source.refill()
+    ready = {e.public for e in source._ready}
+    sim, _a, _b, pi, pr = pair(ephemerals=source)
+    sim.run(0.1)
+    assert pi.state is PathState.ESTABLISHED and pr.state is PathState.ESTABLISHED
+    used = [
+        d[PREFIX_SIZE : PREFIX_SIZE + 32]
+        for _, d, _, _ in sim.sent
+        if d[0] in (PacketType.HANDSHAKE_INIT, PacketType.HANDSHAKE_RESP)
+    ]
+    assert len(used) == 2 and set(used) == ready  # the INIT's and the RESP's, made ahead
+    # retries never reuse one
+    sim, _a, _b, _pi, _pr = pair(endpoints=(NOWHERE,), ephemerals=source)
+    sim.run(30.0)
+    inits = [d[PREFIX_SIZE : PREFIX_SIZE + 32] for _, d, _, _ in sim.sent]
+    assert len(inits) == 4 and len(set(inits) | set(used)) == 6
 
 
 def test_handshake_survives_loss() -> None:
