@@ -33,8 +33,10 @@ def require_root() -> None:
         raise LabError("the `ip` command is missing; install iproute2 (apt-get install iproute2)")
 
 
-def ip(*args: str, check: bool = True) -> str:
-    done = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30, check=False)
+def ip(*args: str, check: bool = True, stdin: str | None = None) -> str:
+    done = subprocess.run(
+        ["ip", *args], input=stdin, capture_output=True, text=True, timeout=30, check=False
+    )
     if check and done.returncode != 0:
         raise LabError(f"ip {' '.join(args)}: {done.stderr.strip() or 'failed'}")
     return done.stdout
@@ -146,16 +148,10 @@ def ip_batch(ns: str, lines: Sequence[str]) -> None:
     if not lines:
         return
     script = "".join(line + "\n" for line in lines)
-    done = subprocess.run(
-        ["ip", "-n", ns, "-batch", "-"],
-        input=script,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-    if done.returncode != 0:
-        raise LabError(f"ip -n {ns} -batch: {done.stderr.strip() or 'failed'} (commands: {lines})")
+    try:
+        ip("-n", ns, "-batch", "-", stdin=script)
+    except LabError as exc:
+        raise LabError(f"{exc} (commands: {list(lines)})") from None
 
 
 def link_names(ns: str) -> set[str]:
